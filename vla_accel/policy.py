@@ -1,0 +1,199 @@
+"""The policy object: observation + instruction in, env-ready 8x7 action chunk out.
+
+    policy.predict(obs, instruction) -> np.ndarray [8, 7]
+    policy.predict_batch([obs, ...], [instruction, ...]) -> np.ndarray [B, 8, 7]
+    policy.predict_from_inputs(input_ids, pixel_values, proprio) -> (normalized [B, 8, 7], hidden [B, 56, H])
+
+`obs` = {"full_image": uint8 [H, W, 3] upright, "wrist_image": uint8 [H, W, 3] upright, "state": (8,) raw}.
+
+`ChunkedActor(policy)` executes chunks open loop, one queue per stream (env), and queries the
+policy once per step for all streams whose queue is empty (one batched forward).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from . import processing as P
+from .model.oft import OpenVLAOFT
+from .tokenizer import tokenize_prompt, with_empty_token
+
+Obs = dict[str, Any]
+
+
+def resolve_unnorm_key(stats: dict, key: str | None) -> str:
+    """The dataset-statistics key: the given one, else `{key}_no_noops`, else the only one."""
+    names = sorted(stats)
+    if not names:
+        raise ValueError("the checkpoint has no dataset statistics (dataset_statistics.json / norm_stats is empty)")
+    if key is None:
+        if len(names) == 1:
+            return names[0]
+        raise ValueError(f"this checkpoint has statistics for several datasets; pass unnorm_key=one of {names} "
+                         f"(a suite name such as 'libero_spatial' also selects 'libero_spatial_no_noops')")
+    for k in (key, f"{key}_no_noops"):
+        if k in stats:
+            return k
+    raise ValueError(f"unknown unnorm_key '{key}'; available: {names}")
+
+
+class Policy:
+    def __init__(self, model: OpenVLAOFT, *, norm_stats: dict, unnorm_key: str | None = None,
+                 image_norm: P.ImageNorm | None = None, tokenizer=None, random_weights: bool = False,
+                 source: str | None = None, center_crop: bool = True, jpeg: bool = True):
+        self.model = model.eval()
+        self.cfg = model.cfg
+        self.norm_stats = norm_stats
+        self.unnorm_key = resolve_unnorm_key(norm_stats, unnorm_key)
+        stats = norm_stats[self.unnorm_key]
+        for part in ("action", "proprio"):
+            if part not in stats or "q01" not in stats[part] or "q99" not in stats[part]:
+                raise ValueError(f"statistics '{self.unnorm_key}' lack '{part}' q01/q99 (bounds_q99 normalization)")
+        self.action_stats, self.proprio_stats = stats["action"], stats["proprio"]
+        self.image_norm = image_norm or P.ImageNorm()
+        self.tokenizer = tokenizer
+        self.random_weights = random_weights
+        self.source = source
+        self.center_crop, self.jpeg = center_crop, jpeg
+        # The forward used by predict_from_inputs; an accelerated runtime replaces it
+        # (same signature as OpenVLAOFT.forward).
+        self.executor: Callable = self.model
+        self.executor_name = "reference"
+        self.last_stats: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": "openvla-oft", "source": self.source, "random_weights": self.random_weights,
+            "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+            "unnorm_key": self.unnorm_key, "executor": self.executor_name,
+            "tokenizer": getattr(self.tokenizer, "name", type(self.tokenizer).__name__),
+            "llm_layers": self.cfg.llm.layers, "llm_hidden": self.cfg.llm.hidden,
+        }
+
+    # ------------------------------------------------------------------ pre-processing
+    def prepare(self, obs_list: Sequence[Obs], instructions: Sequence[str]):
+        """-> (prompt id lists, pixel_values [B, 12, 224, 224], proprio [B, 8] normalized)."""
+        if isinstance(instructions, str):
+            raise TypeError("predict_batch takes a list of instructions, one per observation")
+        if len(obs_list) != len(instructions):
+            raise ValueError(f"{len(obs_list)} observations but {len(instructions)} instructions")
+        if len(obs_list) == 0:
+            raise ValueError("empty batch")
+        if self.tokenizer is None:
+            raise RuntimeError("this policy has no tokenizer; use predict_from_inputs() with token ids")
+        ids, pixels, props = [], [], []
+        for obs, text in zip(obs_list, instructions):
+            if not isinstance(obs, dict):
+                raise TypeError(f"obs must be a dict with full_image, wrist_image, state; got {type(obs).__name__}")
+            missing = [k for k in ("full_image", "wrist_image", "state") if k not in obs]
+            if missing:
+                raise KeyError(f"obs lacks {missing}; expected keys full_image, wrist_image (uint8 [H, W, 3]), state (8,)")
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"instruction must be a non-empty string, got {text!r}")
+            imgs = [P.prepare_image(P.check_image(obs[k], k), self.cfg.image_size, self.center_crop, self.jpeg)
+                    for k in ("full_image", "wrist_image")]
+            pixels.append(P.to_pixel_values(imgs, self.image_norm))
+            state = P.check_state(obs["state"], self.cfg.proprio_dim)
+            props.append(P.normalize_proprio(state, self.proprio_stats))
+            ids.append(tokenize_prompt(self.tokenizer, text))
+        return ids, torch.stack(pixels), torch.tensor(np.stack(props), dtype=torch.float32)
+
+    def postprocess(self, normalized: np.ndarray) -> np.ndarray:
+        """normalized [..., 7] -> env-ready actions (un-normalized, gripper converted)."""
+        return P.gripper_to_env(P.unnormalize_actions(normalized, self.action_stats))
+
+    # ------------------------------------------------------------------ inference
+    def batch_ids(self, input_ids) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt ids (tensor [B, P] or list of lists) -> right-padded ids with 29871 appended, lengths."""
+        if isinstance(input_ids, torch.Tensor):
+            if input_ids.ndim == 1:
+                input_ids = input_ids[None]
+            if input_ids.ndim != 2:
+                raise ValueError(f"input_ids must be [B, P], got shape {tuple(input_ids.shape)}")
+            input_ids = input_ids.tolist()
+        rows = [with_empty_token(r, self.cfg.empty_id) for r in input_ids]
+        if any(len(r) < 2 or r[0] != self.cfg.bos_id for r in rows):
+            raise ValueError(f"each prompt must start with BOS ({self.cfg.bos_id}) and hold at least one token")
+        vocab = self.cfg.llm.vocab
+        if any(not 0 <= t < vocab for r in rows for t in r):
+            raise ValueError(f"token ids must lie in [0, {vocab})")
+        lens = torch.tensor([len(r) for r in rows])
+        out = torch.full((len(rows), int(lens.max())), self.cfg.llm.pad_id, dtype=torch.long)
+        for i, r in enumerate(rows):
+            out[i, :len(r)] = torch.tensor(r)
+        return out, lens
+
+    @torch.inference_mode()
+    def predict_from_inputs(self, input_ids, pixel_values, proprio, hook=None):
+        """input_ids: prompt ids as tokenized (BOS first, before 29871 / placeholders / stop), [B, P] or
+        list of lists; pixel_values: [B, 12, 224, 224]; proprio: [B, 8] normalized.
+        -> (normalized actions [B, 8, 7] fp32, action hidden states [B, 56, H])."""
+        ids, lens = self.batch_ids(input_ids)
+        B = ids.shape[0]
+        n_img = self.cfg.num_images
+        want = (B, 6 * n_img, self.cfg.image_size, self.cfg.image_size)
+        if tuple(pixel_values.shape) != want:
+            raise ValueError(f"pixel_values must have shape {want}, got {tuple(pixel_values.shape)}")
+        if tuple(proprio.shape) != (B, self.cfg.proprio_dim):
+            raise ValueError(f"proprio must have shape {(B, self.cfg.proprio_dim)}, got {tuple(proprio.shape)}")
+        dev, dtype = self.device, self.dtype
+        return self.executor(ids.to(dev), pixel_values.to(dev, dtype), proprio.to(dev, dtype),
+                             prompt_lens=lens.to(dev), hook=hook)
+
+    def predict_batch(self, obs_list: Sequence[Obs], instructions: Sequence[str], hook=None) -> np.ndarray:
+        ids, pixels, props = self.prepare(obs_list, instructions)
+        _, lens = self.batch_ids(ids)
+        t0 = time.perf_counter()
+        norm, _ = self.predict_from_inputs(ids, pixels, props, hook=hook)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        latency = (time.perf_counter() - t0) * 1e3
+        # backbone tokens per sample: BOS + prompt[1:] + 512 patches + proprio + 56 placeholders + stop
+        tokens = (lens + self.cfg.num_patch_tokens + self.cfg.num_action_tokens + 1).tolist()
+        self.last_stats = {"latency_ms": latency, "batch_size": len(ids), "tokens": tokens}
+        return self.postprocess(norm.cpu().numpy())
+
+    def predict(self, obs: Obs, instruction: str) -> np.ndarray:
+        return self.predict_batch([obs], [instruction])[0]
+
+
+class ChunkedActor:
+    """Open-loop chunk execution, one action queue per stream; one batched forward per step."""
+
+    def __init__(self, policy):
+        self.policy = policy
+        self.queues: dict[int, deque] = {}
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.policy.describe(), "actor": "chunked", "prune": "none"}
+
+    def reset(self, streams: Sequence[int]):
+        for s in streams:
+            self.queues[s] = deque()
+
+    def act_batch(self, obs_list: Sequence[Obs], instructions: Sequence[str], streams: Sequence[int]):
+        need = [i for i, s in enumerate(streams) if not self.queues.setdefault(s, deque())]
+        infos = [{"queried": False, "latency_ms": None, "batch_size": None, "tokens_kept": None} for _ in streams]
+        if need:
+            chunks = self.policy.predict_batch([obs_list[i] for i in need], [instructions[i] for i in need])
+            st = self.policy.last_stats
+            for j, i in enumerate(need):
+                self.queues[streams[i]].extend(chunks[j])
+                infos[i] = {"queried": True, "latency_ms": st["latency_ms"], "batch_size": len(need),
+                            "tokens_kept": st["tokens"][j]}
+        actions = np.stack([self.queues[s].popleft() for s in streams])
+        return actions, infos
