@@ -80,8 +80,8 @@ def load_tensors(model: torch.nn.Module, items: Iterable[tuple[str, torch.Tensor
         if tuple(t.shape) != tuple(dst.shape):
             raise CheckpointError(f"{where}: shape mismatch for '{key}': checkpoint {tuple(t.shape)}, "
                                   f"model expects {tuple(dst.shape)} (does config.json describe these weights?)")
-        if assign:
-            _assign(model, key, t.to(device=dst.device, dtype=dst.dtype))
+        if assign:  # share the given tensor; the caller moves the model to its device/dtype afterwards
+            _assign(model, key, t.detach())
         else:
             with torch.no_grad():
                 dst.copy_(t)
@@ -224,9 +224,9 @@ def wrap(vla, action_head, proprio_projector, *, unnorm_key: str | None = None, 
     and `.norm_stats`; `action_head` / `proprio_projector` are the official modules (DDP-wrapped or not).
     Tensors are shared with the given modules where device and dtype already match.
     """
-    for attr in ("config", "vision_backbone", "projector", "language_model", "norm_stats"):
-        if not hasattr(vla, attr):
-            raise TypeError(f"wrap(): the model object has no '{attr}' (expected an OpenVLA-OFT model)")
+    lacking = [a for a in ("config", "vision_backbone", "projector", "language_model", "norm_stats") if not hasattr(vla, a)]
+    if lacking:
+        raise TypeError(f"wrap(): the model object lacks {lacking} (expected an OpenVLA-OFT model object)")
     conf = vla.config.to_dict() if hasattr(vla.config, "to_dict") else dict(vla.config)
     cfg = OFTConfig.from_hf_config(conf)
     ref = next(vla.language_model.parameters())

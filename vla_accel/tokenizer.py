@@ -37,6 +37,9 @@ class LazyTokenizer:
 
     def _load(self):
         if self._tok is None:
+            from ._compat import hide_unloadable_torchvision
+
+            hide_unloadable_torchvision()
             from transformers import AutoTokenizer
 
             try:

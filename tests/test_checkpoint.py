@@ -1,0 +1,230 @@
+"""Loading checkpoints written in the official on-disk layout, and every bad input the loader names."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import vla_accel
+from vla_accel import CheckpointError, load_policy, random_policy, save_checkpoint, wrap
+from vla_accel.processing import ImageNorm
+
+INSTR = "put the black bowl on the plate"
+
+
+def obs(seed=0, size=256):
+    r = np.random.default_rng(seed)
+    return {"full_image": r.integers(0, 256, (size, size, 3), dtype=np.uint8),
+            "wrist_image": r.integers(0, 256, (size, size, 3), dtype=np.uint8),
+            "state": r.uniform(-0.2, 0.2, 8)}
+
+
+def stats_for(*names):
+    base = random_policy("tiny").norm_stats["random_no_noops"]
+    return {n: base for n in names}
+
+
+def write_tiny_tokenizer(root):
+    """A tiny Llama-style (Metaspace, BOS-prefixed) fast tokenizer saved like the official files."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from vla_accel.tokenizer import action_prompt
+
+    words = action_prompt("put black bowl on plate").split(" ")  # Metaspace splits on spaces only
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({f"▁{w}": 100 + i for i, w in enumerate(dict.fromkeys(words))})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(str(root))
+
+
+@pytest.fixture(scope="module")
+def source():
+    return random_policy("tiny", seed=11)
+
+
+@pytest.fixture(scope="module")
+def expected(source):
+    return source.predict(obs(), INSTR)
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_round_trip_single_and_sharded(tmp_path, source, expected, shards):
+    root = save_checkpoint(source, tmp_path / "ckpt", norm_stats=stats_for("libero_spatial_no_noops"), shards=shards)
+    names = sorted(p.name for p in root.iterdir())
+    if shards == 1:
+        assert "model.safetensors" in names
+    else:
+        assert "model.safetensors.index.json" in names and "model-00003-of-00003.safetensors" in names
+    head = torch.load(root / "action_head--150000_checkpoint.pt", weights_only=True)
+    assert all(k.startswith("module.model.") for k in head)  # DDP layout, as published
+    policy = load_policy(root, device="cpu", dtype=torch.float32, unnorm_key="libero_spatial")
+    assert policy.unnorm_key == "libero_spatial_no_noops"
+    policy.tokenizer = source.tokenizer  # no tokenizer files in this checkpoint
+    np.testing.assert_array_equal(policy.predict(obs(), INSTR), expected)
+
+
+def test_loads_without_tokenizer_and_fails_clearly_on_first_text_use(tmp_path, source):
+    root = save_checkpoint(source, tmp_path / "ckpt", norm_stats=stats_for("libero_goal_no_noops"))
+    policy = load_policy(root, device="cpu")
+    with pytest.raises(RuntimeError, match="tokenizer"):
+        policy.predict(obs(), INSTR)
+    # the lower-level entry point needs no tokenizer
+    norm, hid = policy.predict_from_inputs([[1, 5, 6]], torch.zeros(1, 12, 224, 224), torch.zeros(1, 8))
+    assert norm.shape == (1, 8, 7) and hid.shape == (1, 56, 64)
+
+
+def test_tokenizer_files_are_used(tmp_path, source):
+    root = save_checkpoint(source, tmp_path / "ckpt", norm_stats=stats_for("libero_10_no_noops"))
+    write_tiny_tokenizer(root)
+    policy = load_policy(root, device="cpu", dtype=torch.float32)
+    ids = policy.tokenizer.encode("In: What action should the robot take to put black bowl on plate?\nOut:")
+    assert ids == [1] + list(range(100, 113))  # BOS + 13 known words ("plate?\nOut:" is one word)
+    a = policy.predict(obs(), "Put black bowl on plate")  # instruction is lower-cased
+    b, _ = policy.predict_from_inputs([ids], *policy.prepare([obs()], [INSTR])[1:])
+    np.testing.assert_array_equal(a, policy.postprocess(b[0].numpy()))
+
+
+def test_preprocessor_config_sets_image_normalization(tmp_path, source):
+    bf16_imagenet = ImageNorm(means=((0.484375, 0.455078125, 0.40625), (0.5, 0.5, 0.5)),
+                              stds=((0.228515625, 0.2236328125, 0.224609375), (0.5, 0.5, 0.5)))
+    root = save_checkpoint(source, tmp_path / "ckpt", norm_stats=stats_for("x"), image_norm=bf16_imagenet)
+    policy = load_policy(root, device="cpu")
+    assert policy.image_norm == bf16_imagenet
+    assert load_policy(save_checkpoint(source, tmp_path / "c2", norm_stats=stats_for("x")),
+                       device="cpu").image_norm.means[0] == (0.485, 0.456, 0.406)
+
+
+# ------------------------------------------------------------------------- bad input
+@pytest.fixture
+def ckpt(tmp_path, source):
+    return save_checkpoint(source, tmp_path / "ckpt", norm_stats=stats_for("libero_spatial_no_noops", "libero_object_no_noops"),
+                           shards=2)
+
+
+def test_missing_action_head_file(ckpt):
+    (ckpt / "action_head--150000_checkpoint.pt").unlink()
+    with pytest.raises(CheckpointError, match=r"no action head file .*action_head--\*_checkpoint.pt"):
+        load_policy(ckpt, device="cpu", unnorm_key="libero_spatial")
+
+
+def test_truncated_weight_file(ckpt):
+    shard = ckpt / "model-00002-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="model-00002-of-00002.safetensors"):
+        load_policy(ckpt, device="cpu", unnorm_key="libero_spatial")
+
+
+def test_truncated_proprio_file(ckpt):
+    f = ckpt / "proprio_projector--150000_checkpoint.pt"
+    f.write_bytes(f.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="proprio projector file"):
+        load_policy(ckpt, device="cpu", unnorm_key="libero_spatial")
+
+
+def test_missing_shard(ckpt):
+    (ckpt / "model-00001-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="model-00001-of-00002.safetensors"):
+        load_policy(ckpt, device="cpu", unnorm_key="libero_spatial")
+
+
+def _rewrite(ckpt, fn):
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    for name in sorted(set(index["weight_map"].values())):
+        t = load_file(str(ckpt / name))
+        fn(t)
+        save_file(t, str(ckpt / name))
+
+
+def test_missing_key_is_named(ckpt):
+    key = "language_model.model.layers.3.mlp.up_proj.weight"
+    _rewrite(ckpt, lambda t: t.pop(key, None))
+    with pytest.raises(CheckpointError, match=r"missing key.*layers\.3\.mlp\.up_proj\.weight"):
+        load_policy(ckpt, device="cpu", unnorm_key="libero_spatial")
+
+
+def test_shape_mismatch_is_named(ckpt):
+    key = "projector.fc3.weight"
+
+    def bad(t):
+        if key in t:
+            t[key] = torch.zeros(64, 63)
+
+    _rewrite(ckpt, bad)
+    with pytest.raises(CheckpointError, match=r"shape mismatch for 'projector\.fc3\.weight'.*\(64, 63\).*\(64, 64\)"):
+        load_policy(ckpt, device="cpu", unnorm_key="libero_spatial")
+
+
+def test_unnorm_key_errors_list_available(ckpt):
+    with pytest.raises(ValueError, match=r"unknown unnorm_key 'libero_90'.*libero_object_no_noops.*libero_spatial_no_noops"):
+        load_policy(ckpt, device="cpu", unnorm_key="libero_90")
+    with pytest.raises(ValueError, match="pass unnorm_key=one of"):
+        load_policy(ckpt, device="cpu")
+
+
+def test_missing_directory_and_config(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_policy(tmp_path / "nope", device="cpu")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="missing config.json"):
+        load_policy(tmp_path / "empty", device="cpu")
+
+
+def test_bad_observations(source):
+    good = obs()
+    with pytest.raises(TypeError, match=r"full_image.*uint8"):
+        source.predict({**good, "full_image": good["full_image"].astype(np.float32)}, INSTR)
+    with pytest.raises(ValueError, match=r"wrist_image.*\[H, W, 3\].*\(256, 256\)"):
+        source.predict({**good, "wrist_image": good["wrist_image"][..., 0]}, INSTR)
+    with pytest.raises(ValueError, match=r"NaN/inf at indices \[2\]"):
+        source.predict({**good, "state": np.array([0, 0, np.nan, 0, 0, 0, 0, 0.0])}, INSTR)
+    with pytest.raises(ValueError, match=r"shape \(8,\)"):
+        source.predict({**good, "state": np.zeros(7)}, INSTR)
+    with pytest.raises(KeyError, match="wrist_image"):
+        source.predict({"full_image": good["full_image"], "state": good["state"]}, INSTR)
+
+
+# ------------------------------------------------------------------------- wrap()
+class _Official(torch.nn.Module):
+    """Stands in for an official OpenVLAForActionPrediction object: same submodule names and keys."""
+
+    def __init__(self, src):
+        super().__init__()
+        m = src.model
+        self.vision_backbone = m.vision_backbone
+        self.projector = m.projector
+        self.language_model = m.language_model
+        self.config = m.cfg.to_hf_config()
+        self.norm_stats = src.norm_stats
+
+
+class _DDP(torch.nn.Module):
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+
+def test_wrap_official_object_matches_and_shares_weights(source, expected):
+    import copy
+
+    src = copy.deepcopy(source)
+    vla = _Official(src)
+    policy = wrap(vla, _DDP(src.model.action_head), src.model.proprio_projector, tokenizer=source.tokenizer)
+    np.testing.assert_array_equal(policy.predict(obs(), INSTR), expected)
+    w = policy.model.llm.layers[0].mlp.up_proj.weight
+    assert w.data_ptr() == vla.language_model.model.layers[0].mlp.up_proj.weight.data_ptr()
+
+
+def test_wrap_rejects_other_objects():
+    with pytest.raises(TypeError, match="vision_backbone"):
+        wrap(torch.nn.Linear(2, 2), None, None)
+
+
+def test_public_api_names():
+    for name in ("load_policy", "wrap", "random_policy", "Policy", "ChunkedActor"):
+        assert hasattr(vla_accel, name)
