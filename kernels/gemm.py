@@ -1,0 +1,223 @@
+"""Launchers for the small-M linear kernels (gemm_kernel.py): flat GEMM (optionally split-K), GEMV, and the
+fused epilogues (gate*SiLU*up, bias, residual add).
+
+Weights follow torch.nn.Linear: w is [N, K] and y = x @ w.T; x is [M, K] (2-D, last dim contiguous).
+
+    y = flat_gemm(x, w)                                   # [M, N]
+    y = flat_gemm(x, w, residual=r, config=GemmConfig(block_n=64, block_m=16, split_k=4))
+    h = flat_gemm(x, w_gate_up, gated=True)               # silu(x @ Wg.T) * (x @ Wu.T), [M, N/2]
+    y = gemv(x, w)                                        # CUDA-core path, M <= 16
+
+A kernel configuration has a short name (`GemmConfig.name`, `GemvConfig.name`, e.g.
+"flat:bn64.bm16.bk128.w4.s4.k2"): that is what the dispatch table (dispatch.py) stores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import gemm_kernel as _k
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """Tile configuration of flat_gemm_kernel (tiles are [block_n weight rows] x [block_m tokens])."""
+    block_n: int = 64  # weight rows per program (the MMA's M side: 64 per warpgroup)
+    block_m: int = 16  # tokens per program (the MMA's N side: padded to >= 16)
+    block_k: int = 128
+    num_warps: int = 4
+    num_stages: int = 4  # software-pipelining depth (>= 2: loads of the next tiles overlap the math)
+    split_k: int = 1  # programs along K; > 1 adds an fp32 workspace and a reduction launch
+
+    @property
+    def name(self) -> str:
+        return (f"flat:bn{self.block_n}.bm{self.block_m}.bk{self.block_k}"
+                f".w{self.num_warps}.s{self.num_stages}.k{self.split_k}")
+
+    @staticmethod
+    def parse(name: str) -> "GemmConfig":
+        fields = _parse_fields(name, "flat", ("bn", "bm", "bk", "w", "s", "k"))
+        return GemmConfig(fields["bn"], fields["bm"], fields["bk"], fields["w"], fields["s"], fields["k"])
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """Tile configuration of gemv_kernel (CUDA cores; the M tokens are padded to a power of two)."""
+    block_n: int = 8
+    block_k: int = 1024
+    num_warps: int = 4
+
+    @property
+    def name(self) -> str:
+        return f"gemv:bn{self.block_n}.bk{self.block_k}.w{self.num_warps}"
+
+    @staticmethod
+    def parse(name: str) -> "GemvConfig":
+        fields = _parse_fields(name, "gemv", ("bn", "bk", "w"))
+        return GemvConfig(fields["bn"], fields["bk"], fields["w"])
+
+
+def _parse_fields(name: str, family: str, keys: tuple[str, ...]) -> dict[str, int]:
+    head, _, body = name.partition(":")
+    parts = body.split(".") if body else []
+    fields = {}
+    for part in parts:
+        key = part.rstrip("0123456789")
+        fields[key] = int(part[len(key):]) if part[len(key):] else -1
+    if head != family or sorted(fields) != sorted(keys) or min(fields.values(), default=0) <= 0:
+        example = family + ":" + ".".join(f"{k}16" for k in keys)
+        raise ValueError(f"bad kernel config name '{name}': expected e.g. '{example}'")
+    return fields
+
+
+def default_gemm_config(m: int, n: int, k: int, *, gated: bool = False, num_sms: int = 132) -> GemmConfig:
+    """A reasonable untuned configuration (the tuned table overrides it)."""
+    if m <= 64:
+        bm = max(16, _next_pow2(m))
+        cfg = GemmConfig(block_n=64, block_m=bm, block_k=128, num_warps=4, num_stages=4 if not gated else 3)
+    elif m <= 128:
+        cfg = GemmConfig(block_n=128, block_m=128, block_k=64, num_warps=8, num_stages=4 if not gated else 3)
+    else:
+        cfg = GemmConfig(block_n=128, block_m=128, block_k=64, num_warps=8, num_stages=4 if not gated else 3)
+    return GemmConfig(cfg.block_n, cfg.block_m, cfg.block_k, cfg.num_warps, cfg.num_stages,
+                      auto_split_k(m, n, k, cfg, num_sms))
+
+
+def auto_split_k(m: int, n: int, k: int, cfg: GemmConfig, num_sms: int, waves: float = 1.0) -> int:
+    """Smallest split of K that gives at least `waves` x num_sms programs (each keeps >= 4 K-tiles)."""
+    tiles = _cdiv(n, cfg.block_n) * _cdiv(m, cfg.block_m)
+    k_tiles = _cdiv(k, cfg.block_k)
+    split = 1
+    while tiles * split < waves * num_sms and k_tiles // (split * 2) >= 4 and split < 8:
+        split *= 2
+    return split
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs: exact fp32 products (not TF32), so fp32 results match a fp32 reference
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _check(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None, bias: torch.Tensor | None,
+           gated: bool) -> tuple[torch.Tensor, int, int, int]:
+    if x.dim() != 2 or w.dim() != 2:
+        raise ValueError(f"x must be [M, K] and w [N, K]; got x {tuple(x.shape)}, w {tuple(w.shape)}")
+    if x.dtype not in _DTYPES or w.dtype != x.dtype:
+        raise ValueError(f"x and w must share one of {_DTYPES}; got {x.dtype} and {w.dtype}")
+    if x.shape[1] != w.shape[1]:
+        raise ValueError(f"K mismatch: x {tuple(x.shape)} vs w {tuple(w.shape)}")
+    if x.device != w.device:
+        raise ValueError(f"x on {x.device} but w on {w.device}")
+    if w.stride(1) != 1:
+        raise ValueError("w must be contiguous along K (w.stride(1) == 1)")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    m, k = x.shape
+    n = w.shape[0]
+    if gated:
+        if n % 2:
+            raise ValueError(f"gated weights are [2*I, K] (gate rows then up rows); got {n} rows")
+        n //= 2
+    if residual is not None and (residual.shape != (m, n) or residual.dtype != x.dtype or residual.stride(1) != 1):
+        raise ValueError(f"residual must be [{m}, {n}] {x.dtype}, contiguous along N; got "
+                         f"{tuple(residual.shape)} {residual.dtype}")
+    if bias is not None and (bias.shape != (n,) or bias.dtype != x.dtype or not bias.is_contiguous()):
+        raise ValueError(f"bias must be [{n}] {x.dtype}; got {tuple(bias.shape)} {bias.dtype}")
+    return x, m, n, k
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132
+
+
+def flat_gemm(x: torch.Tensor, w: torch.Tensor, *, bias: torch.Tensor | None = None,
+              residual: torch.Tensor | None = None, gated: bool = False,
+              config: GemmConfig | str | None = None) -> torch.Tensor:
+    """y = epilogue(x @ w.T) with the flat (tensor-core, small-M) kernel.
+
+    x: [M, K]; w: [N, K] ([2*I, K] gate-then-up rows when gated); bias: [N]; residual: [M, N] -> y: [M, N] (or [M, I]).
+    """
+    x, m, n, k = _check(x, w, residual, bias, gated)
+    if isinstance(config, str):
+        config = GemmConfig.parse(config)
+    cfg = config or default_gemm_config(m, n, k, gated=gated, num_sms=_num_sms(x.device))
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
+
+    k_tiles = _cdiv(k, cfg.block_k)
+    split = max(1, min(cfg.split_k, k_tiles))
+    k_per_split = _cdiv(k_tiles, split) * cfg.block_k
+    split = _cdiv(k, k_per_split)  # no empty splits
+    even_k = k % cfg.block_k == 0
+    grid = (_cdiv(n, cfg.block_n), _cdiv(m, cfg.block_m), split)
+    res = residual if residual is not None else out
+    bias_t = bias if bias is not None else out
+    ws = torch.empty((split, 1 + int(gated), m, n), dtype=torch.float32, device=x.device) if split > 1 else out
+    _k.flat_gemm_kernel[grid](
+        x, w, out, res, bias_t, ws,
+        m, n, k, k_per_split,
+        x.stride(0), w.stride(0), out.stride(0), res.stride(0),
+        BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k,
+        SPLIT=split > 1, EVEN_K=even_k,
+        GATED=gated, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
+        DOT_PRECISION=_dot_precision(x.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if split > 1:
+        bn, bm = 64, 32
+        _k.splitk_reduce_kernel[(_cdiv(n, bn), _cdiv(m, bm))](
+            ws, out, res, bias_t,
+            m, n, split,
+            out.stride(0), res.stride(0),
+            BLOCK_N=bn, BLOCK_M=bm,
+            GATED=gated, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
+            num_warps=4,
+        )
+    return out
+
+
+GEMV_MAX_M = 16
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor, *, bias: torch.Tensor | None = None,
+         residual: torch.Tensor | None = None, gated: bool = False,
+         config: GemvConfig | str | None = None) -> torch.Tensor:
+    """Same contract as flat_gemm, on CUDA cores, for M <= 16 tokens (x: [M, K], w: [N, K] -> [M, N])."""
+    x, m, n, k = _check(x, w, residual, bias, gated)
+    if m > GEMV_MAX_M:
+        raise ValueError(f"gemv handles M <= {GEMV_MAX_M} tokens; got M = {m} (use flat_gemm)")
+    if isinstance(config, str):
+        config = GemvConfig.parse(config)
+    cfg = config or GemvConfig()
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
+    bm = _next_pow2(m)
+    # the [BLOCK_N, BLOCK_M, BLOCK_K] register tile grows with M: shrink BLOCK_K to keep it bounded
+    bk = max(16, min(cfg.block_k, cfg.block_k * 2 // bm))
+    res = residual if residual is not None else out
+    bias_t = bias if bias is not None else out
+    _k.gemv_kernel[(_cdiv(n, cfg.block_n),)](
+        x, w, out, res, bias_t,
+        m, n, k,
+        x.stride(0), w.stride(0), out.stride(0), res.stride(0),
+        BLOCK_N=cfg.block_n, BLOCK_M=bm, BLOCK_K=bk,
+        EVEN_K=k % bk == 0, GATED=gated, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
+        num_warps=cfg.num_warps,
+    )
+    return out

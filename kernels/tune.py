@@ -1,0 +1,420 @@
+"""vla-accel-tune: profile the linear-layer implementations on this GPU and write the dispatch table.
+
+    vla-accel-tune --preset 7b                       # Llama-2-7B shapes -> kernels/tables/<gpu>.json
+    vla-accel-tune --config path/to/config.json      # shapes from an HF-style config (text_config.*)
+    vla-accel-tune --preset tiny --m 1 16 64 --out /tmp/table.json
+
+For every linear shape of the model (derived from the config: fused QKV, O, gate/up, fused gate+up with
+SiLU, down) and every M of the grid, it times cuBLAS and each candidate kernel configuration (GEMV for
+the smallest M, the flat GEMM with and without split-K) inside CUDA graphs, with the weights rotated
+among several copies so that no measurement runs out of L2. Each candidate's output is first checked
+against cuBLAS. The fastest implementation per point becomes a rule of the table (cuBLAS unless a
+kernel beats it by more than --margin); the raw times are kept in the table's meta.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import multiprocessing as mp
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .attention import AttentionConfig, attention
+from .dispatch import TABLE_DIR, DispatchTable, build_rules, gpu_slug, run_impl, shape_key
+from .gemm import GemmConfig, GemvConfig, auto_split_k
+
+M_GRID = [1, 8, 16, 32, 64, 128, 150, 200, 256, 300, 400, 512, 600]
+ATTN_L_GRID = [64, 128, 256, 384, 512, 640, 768]
+ATTN_CONFIGS = [AttentionConfig(64, 64, 4, 3), AttentionConfig(64, 64, 4, 2), AttentionConfig(64, 64, 4, 4),
+                AttentionConfig(64, 32, 4, 3), AttentionConfig(64, 32, 4, 4), AttentionConfig(128, 64, 8, 3),
+                AttentionConfig(128, 32, 8, 3), AttentionConfig(32, 64, 4, 3), AttentionConfig(64, 32, 4, 2)]
+L2_ROTATE_BYTES = 200 * 2**20  # rotate weight copies until a graph's calls touch this many bytes
+
+
+@dataclass(frozen=True)
+class LinearShape:
+    name: str  # "qkv", "o", "gate_up", "gate", "down"
+    op: str  # dispatch op: linear | linear_residual | gate_up_silu
+    n: int  # weight rows ([2*I] for gate_up_silu)
+    k: int
+
+    @property
+    def key(self) -> str:
+        return shape_key(self.op, (self.n, self.k))
+
+
+# ---------------------------------------------------------------- model shapes
+
+def llm_dims_from_hf(d: dict) -> tuple[int, int, int, int]:
+    """(hidden, intermediate, heads, kv_heads) from an HF-style config dict (with or without text_config)."""
+    try:  # the project's own config reader, when the config is a full OpenVLA one
+        from vla_accel.model.config import OFTConfig
+        llm = OFTConfig.from_hf_config(d).llm
+        return llm.hidden, llm.intermediate, llm.heads, llm.kv_heads
+    except Exception:  # noqa: BLE001 - a bare text config: read the four fields directly
+        pass
+    tc = d.get("text_config", d)
+    missing = [k for k in ("hidden_size", "intermediate_size", "num_attention_heads") if k not in tc]
+    if missing:
+        raise ValueError(f"config lacks {missing} (looked in 'text_config' and at the top level)")
+    heads = int(tc["num_attention_heads"])
+    return int(tc["hidden_size"]), int(tc["intermediate_size"]), heads, int(tc.get("num_key_value_heads", heads))
+
+
+def llm_dims_from_preset(name: str) -> tuple[int, int, int, int]:
+    from vla_accel.model.config import preset
+    llm = preset(name).llm
+    return llm.hidden, llm.intermediate, llm.heads, llm.kv_heads
+
+
+def model_linear_shapes(hidden: int, intermediate: int, heads: int, kv_heads: int | None = None) -> list[LinearShape]:
+    """The backbone's linear layers as dispatch keys ([N, K] per torch.nn.Linear)."""
+    kv = kv_heads or heads
+    head_dim = hidden // heads
+    return [
+        LinearShape("qkv", "linear", hidden + 2 * kv * head_dim, hidden),
+        LinearShape("o", "linear", hidden, hidden),
+        LinearShape("gate", "linear", intermediate, hidden),
+        LinearShape("down", "linear", hidden, intermediate),
+        LinearShape("gate_up", "gate_up_silu", 2 * intermediate, hidden),
+    ]
+
+
+# ---------------------------------------------------------------- candidates
+
+def candidates(op: str, n: int, k: int, m: int, num_sms: int) -> list[str]:
+    """Implementation names worth timing at this point (cuBLAS always first)."""
+    gated = op == "gate_up_silu"
+    n_out = n // 2 if gated else n
+    out = ["cublas"]
+    if m <= 4:
+        out += [GemvConfig(8, 1024, 4).name, GemvConfig(4, 2048, 4).name, GemvConfig(16, 1024, 8).name,
+                GemvConfig(16, 512, 4).name]
+    bm = min(256, max(16, 1 << (m - 1).bit_length()))
+    bases = []
+    if m <= 32:  # narrow weight tiles: more programs for the N = 4096 shapes (tensor-core mma.sync path)
+        bases += [GemmConfig(32, bm, 256, 4, 4 if not gated else 3)]
+    if m <= 128:
+        s = 3 if gated else 4
+        bases += [GemmConfig(64, bm, 128, 4, s), GemmConfig(64, min(bm, 64), 256, 4, 3 if not gated else 2),
+                  GemmConfig(128, bm, 128, 8, 3)]
+    if 32 < m <= 128:
+        bases += [GemmConfig(64, bm, 64, 4, 5)]
+    if m > 64:
+        bases += [GemmConfig(128, 128, 64, 8, 4 if not gated else 3), GemmConfig(128, 64, 64, 4, 4)]
+        if not gated:
+            bases += [GemmConfig(128, 256, 64, 8, 3)]
+    seen = set()
+    for base in bases:
+        if _smem_bytes(base, gated) > 200 * 1024:
+            continue
+        splits = {1, auto_split_k(m, n_out, k, base, num_sms, 1.0), auto_split_k(m, n_out, k, base, num_sms, 2.0)}
+        for split in sorted(splits):
+            cfg = GemmConfig(base.block_n, base.block_m, base.block_k, base.num_warps, base.num_stages, split)
+            if cfg.name not in seen:
+                seen.add(cfg.name)
+                out.append(cfg.name)
+    return out
+
+
+def _smem_bytes(cfg: GemmConfig, gated: bool) -> int:
+    per_stage = (cfg.block_n * (2 if gated else 1) + cfg.block_m) * cfg.block_k * 2
+    return per_stage * cfg.num_stages
+
+
+# ---------------------------------------------------------------- timing
+
+def time_graph_us(fn, n_calls: int, *, reps: int = 7) -> float:
+    """Median time per call (microseconds) of fn(i), i = 0..n_calls-1, captured in one CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for i in range(min(n_calls, 3)):
+            fn(i)  # warm-up outside the capture: compilation, autotuning of the libraries
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(n_calls):
+            fn(i)
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(reps):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / n_calls)
+    del graph
+    return statistics.median(times)
+
+
+class ShapeBuffers:
+    """Several copies of one weight (so the timed calls stream from DRAM) and inputs for a given M."""
+
+    def __init__(self, shape: LinearShape, dtype: torch.dtype, device: torch.device, seed: int = 0):
+        gen = torch.Generator(device=device).manual_seed(seed)
+        wbytes = shape.n * shape.k * torch.finfo(dtype).bits // 8
+        self.copies = max(2, min(16, math.ceil(L2_ROTATE_BYTES / wbytes)))
+        self.weights = [torch.randn(shape.n, shape.k, device=device, dtype=dtype, generator=gen) / math.sqrt(shape.k)
+                        for _ in range(self.copies)]
+        self.shape, self.dtype, self.device, self.gen = shape, dtype, device, gen
+
+    def inputs(self, m: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = torch.randn(m, self.shape.k, device=self.device, dtype=self.dtype, generator=self.gen)
+        n_out = self.shape.n // 2 if self.shape.op == "gate_up_silu" else self.shape.n
+        res = (torch.randn(m, n_out, device=self.device, dtype=self.dtype, generator=self.gen)
+               if self.shape.op == "linear_residual" else None)
+        return x, res
+
+    def call(self, impl: str, x: torch.Tensor, res: torch.Tensor | None):
+        gated = self.shape.op == "gate_up_silu"
+        return lambda i: run_impl(impl, x, self.weights[i % self.copies], residual=res, gated=gated)
+
+    def n_calls(self) -> int:
+        return max(12, 2 * self.copies)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+# ---------------------------------------------------------------- parallel compilation
+
+def _compile_worker(jobs: list[tuple[str, int, int, int, str, str]]) -> list[tuple[str, str]]:
+    """Run each job once (compiling its kernels into Triton's on-disk cache); return [(impl, error)].
+
+    A job is (op, n, k, m, impl, dtype) for a linear op, or ("attention", heads, head_dim, L, config, dtype).
+    """
+    failures = []
+    for op, n, k, m, impl, dtype_name in jobs:
+        if op == "attention":
+            try:
+                q = torch.randn(m, n, k, device="cuda", dtype=getattr(torch, dtype_name))
+                cu = torch.tensor([0, m], dtype=torch.int32, device="cuda")
+                attention(q, q, q, cu, m, config=impl)
+                torch.cuda.synchronize()
+            except Exception as e:  # noqa: BLE001 - reported, the config is dropped
+                failures.append((f"attention:d{k}:{impl}", f"{type(e).__name__}: {e}"[:300]))
+            continue
+        try:
+            dtype = getattr(torch, dtype_name)
+            x = torch.randn(m, k, device="cuda", dtype=dtype)
+            w = torch.randn(n, k, device="cuda", dtype=dtype) / math.sqrt(k)
+            n_out = n // 2 if op == "gate_up_silu" else n
+            res = torch.randn(m, n_out, device="cuda", dtype=dtype) if op == "linear_residual" else None
+            run_impl(impl, x, w, residual=res, gated=op == "gate_up_silu")
+            torch.cuda.synchronize()
+        except Exception as e:  # noqa: BLE001 - reported, the candidate is dropped
+            failures.append((f"{op}:{n}x{k}:{impl}", f"{type(e).__name__}: {e}"[:300]))
+    return failures
+
+
+def precompile(jobs: list[tuple[str, int, int, int, str, str]], workers: int) -> list[tuple[str, str]]:
+    """Compile the Triton kernels of all jobs in parallel processes (each run once); returns failures."""
+    if workers <= 1 or len(jobs) <= 1:
+        return _compile_worker(jobs)
+    chunks = [jobs[i::workers] for i in range(workers)]
+    try:
+        with mp.get_context("spawn").Pool(workers) as pool:
+            results = pool.map(_compile_worker, [c for c in chunks if c])
+    except Exception as e:  # noqa: BLE001 - compile in this process instead (slower, same result)
+        print(f"parallel compilation failed ({type(e).__name__}: {e}); compiling serially")
+        return _compile_worker(jobs)
+    return [f for r in results for f in r]
+
+
+def compile_signature(op: str, k: int, m: int, impl: str) -> tuple:
+    """What a Triton kernel specialises on (constexprs), so each variant is compiled once."""
+    if impl.startswith("gemv"):
+        cfg = GemvConfig.parse(impl)
+        bm = 1 << (m - 1).bit_length()
+        bk = max(16, min(cfg.block_k, cfg.block_k * 2 // bm))
+        return (op, "gemv", cfg.block_n, bk, bm, cfg.num_warps, k % bk == 0)
+    cfg = GemmConfig.parse(impl)
+    return (op, "flat", cfg.block_n, cfg.block_m, cfg.block_k, cfg.num_warps, cfg.num_stages, cfg.split_k > 1,
+            k % cfg.block_k == 0)
+
+
+def compile_jobs(shapes: list[LinearShape], m_grid: list[int], dtype: torch.dtype, num_sms: int):
+    jobs, seen = [], set()
+    for s in shapes:
+        for m in m_grid:
+            for impl in candidates(s.op, s.n, s.k, m, num_sms):
+                if impl == "cublas":
+                    continue
+                sig = compile_signature(s.op, s.k, m, impl)
+                if sig not in seen:
+                    seen.add(sig)
+                    jobs.append((s.op, s.n, s.k, m, impl, str(dtype).replace("torch.", "")))
+    return jobs
+
+
+# ---------------------------------------------------------------- profiling
+
+def profile(shapes: list[LinearShape], m_grid: list[int], dtype: torch.dtype, *, skip: set[str] = frozenset(),
+            log=print) -> dict[str, list[dict]]:
+    """{key: [{"m": m, "times_us": {impl: us}, "errors": {impl: rel err}}]}, failing candidates left out."""
+    device = torch.device("cuda")
+    num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+    result = {}
+    for s in shapes:
+        bufs = ShapeBuffers(s, dtype, device)
+        rows = []
+        for m in m_grid:
+            x, res = bufs.inputs(m)
+            ref = bufs.call("cublas", x, res)(0)
+            times, errors = {}, {}
+            for impl in candidates(s.op, s.n, s.k, m, num_sms):
+                if f"{s.key}:{impl}" in skip:
+                    continue
+                try:
+                    err = rel_err(bufs.call(impl, x, res)(0), ref)
+                    errors[impl] = err
+                    if not err < 2e-2:  # bf16 rounding is ~4e-3; larger means a broken configuration
+                        log(f"  {s.key} m={m} {impl}: rel err {err:.3g} vs cuBLAS, dropped")
+                        continue
+                    times[impl] = time_graph_us(bufs.call(impl, x, res), bufs.n_calls())
+                except Exception as e:  # noqa: BLE001 - a failing candidate is reported and skipped
+                    log(f"  {s.key} m={m} {impl}: {type(e).__name__}: {str(e)[:200]}")
+            best = min(times, key=times.get)
+            log(f"{s.key:28s} m={m:4d} cublas {times.get('cublas', float('nan')):8.1f} us  "
+                f"best {best} {times[best]:8.1f} us")
+            rows.append({"m": m, "times_us": times, "errors": errors})
+        result[s.key] = rows
+        del bufs
+        torch.cuda.empty_cache()
+    return result
+
+
+def profile_attention(l_grid: list[int], configs: list[str], dtype: torch.dtype, *, heads: int, head_dim: int,
+                      log=print) -> list[dict]:
+    """Time each attention tile config (unified path, one sequence of length L) over the L grid."""
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    rows = []
+    for length in l_grid:
+        q, k, v = (torch.randn(length, heads, head_dim, device=dev, dtype=dtype, generator=gen) for _ in range(3))
+        cu = torch.tensor([0, length], dtype=torch.int32, device=dev)
+        times = {}
+        for name in configs:
+            try:
+                times[name] = time_graph_us(lambda i, name=name: attention(q, k, v, cu, length, config=name), 20)
+            except Exception as e:  # noqa: BLE001 - a failing config is reported and skipped
+                log(f"  attention L={length} {name}: {type(e).__name__}: {str(e)[:200]}")
+        best = min(times, key=times.get)
+        log(f"attention:d{head_dim} L={length:4d} best {best} {times[best]:7.1f} us "
+            f"(default {times.get(AttentionConfig().name, float('nan')):7.1f} us)")
+        rows.append({"L": length, "times_us": times})
+    return rows
+
+
+def attention_rules(rows: list[dict]) -> list[tuple[int, str]]:
+    """Fastest config per L, neighbours with the same winner merged (L above the grid: the default)."""
+    rules: list[tuple[int, str]] = []
+    for r in sorted(rows, key=lambda r: r["L"]):
+        best = min(r["times_us"], key=r["times_us"].get)
+        if rules and rules[-1][1] == best:
+            rules[-1] = (r["L"], best)
+        else:
+            rules.append((r["L"], best))
+    return rules
+
+
+def build_table(prof: dict[str, list[dict]], *, gpu: str, dtype: str, margin: float, meta: dict,
+                attn_prof: dict[str, list[dict]] | None = None) -> DispatchTable:
+    rules = {key: build_rules([(r["m"], r["times_us"]) for r in rows], margin=margin) for key, rows in prof.items()}
+    attn_prof = attn_prof or {}
+    return DispatchTable(gpu=gpu, dtype=dtype, rules=rules,
+                         attention={key: attention_rules(rows) for key, rows in attn_prof.items()},
+                         meta={**meta, "profile": prof, "attention_profile": attn_prof})
+
+
+def environment() -> dict:
+    import triton
+    return {
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+        "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="vla-accel-tune", description=__doc__.split("\n")[0])
+    p.add_argument("--preset", choices=["7b", "tiny"], help="model preset (default 7b when no --config)")
+    p.add_argument("--config", type=Path, help="HF-style config.json (text_config: hidden_size, ...)")
+    p.add_argument("--m", type=int, nargs="+", default=M_GRID, help="grid of M (tokens)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    p.add_argument("--margin", type=float, default=0.01, help="a kernel must beat cuBLAS by this fraction")
+    p.add_argument("--only", nargs="+", help="shape names to tune (qkv o gate down gate_up)")
+    p.add_argument("--attn-l", type=int, nargs="*", default=ATTN_L_GRID,
+                   help="sequence lengths for the attention tile configs (none: skip attention)")
+    p.add_argument("--workers", type=int, default=12, help="processes compiling kernels in parallel")
+    p.add_argument("--out", type=Path, help="table path (default kernels/tables/<gpu>.json)")
+    return p.parse_args(argv)
+
+
+def dims_from_args(args) -> tuple[int, int, int, int]:
+    if args.config is not None:
+        return llm_dims_from_hf(json.loads(args.config.read_text()))
+    return llm_dims_from_preset(args.preset or "7b")
+
+
+def shapes_from_args(args) -> list[LinearShape]:
+    shapes = model_linear_shapes(*dims_from_args(args))
+    if args.only:
+        shapes = [s for s in shapes if s.name in args.only]
+    return shapes
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    shapes = shapes_from_args(args)
+    if not torch.cuda.is_available():
+        print("vla-accel-tune needs a CUDA GPU (it times kernels on the current device)", file=sys.stderr)
+        return 2
+    dtype = getattr(torch, args.dtype)
+    env = environment()
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    print(f"tuning {[f'{s.name}={s.key}' for s in shapes]} on {env['gpu']} ({num_sms} SMs), M = {args.m}")
+    hidden, _, heads, _ = dims_from_args(args)
+    head_dim = hidden // heads
+    attn_configs = [c.name for c in ATTN_CONFIGS]
+    attn_jobs = [("attention", heads, head_dim, 128, name, args.dtype) for name in attn_configs] if args.attn_l else []
+    t0 = time.time()
+    failures = precompile(compile_jobs(shapes, args.m, dtype, num_sms) + attn_jobs, args.workers)
+    print(f"compiled in {time.time() - t0:.0f} s; {len(failures)} candidate(s) failed to build or run")
+    for key, err in failures[:20]:
+        print(f"  {key}: {err}")
+    prof = profile(shapes, args.m, dtype, skip={key for key, _ in failures})
+    attn_prof = {}
+    if args.attn_l:
+        ok = [c for c in attn_configs if f"attention:d{head_dim}:{c}" not in {key for key, _ in failures}]
+        attn_prof[f"d{head_dim}"] = profile_attention(args.attn_l, ok, dtype, heads=heads, head_dim=head_dim)
+    table = build_table(prof, gpu=env["gpu"], dtype=args.dtype, margin=args.margin, attn_prof=attn_prof,
+                        meta={**env, "m_grid": args.m, "margin": args.margin, "attn_l_grid": args.attn_l,
+                              "shapes": {s.name: s.key for s in shapes}, "compile_failures": failures,
+                              "timing": "median of 7 replays of a CUDA graph of >= 12 calls, weights rotated"})
+    out = args.out or TABLE_DIR / f"{gpu_slug(env['gpu'])}.json"
+    table.save(out)
+    print(f"wrote {out} in {time.time() - t0:.0f} s")
+    for key in sorted(table.rules):
+        print(f"  {key}: {table.rules[key]}")
+        print(f"    switch points: {table.switch_points(key)}")
+    for key, rules in table.attention.items():
+        print(f"  attention {key}: {rules}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Kernels on the GPU in one go: tune the dispatch table, run the bf16 GPU tests, benchmark.
+#   bash scripts/gpu_kernels.sh [OUT_DIR]      (on the device machine OUT is set; results land there)
+# The tuner runs first: its parallel compilation fills Triton's cache for the tests and the benchmark.
+set -uo pipefail
+OUT=${1:-${OUT:-/tmp/kernels_out}}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || echo "pip install failed (continuing)"
+if ! python -c "import vla_accel.kernels" 2>/dev/null; then
+  # not installed (no network / build backend there): map the package dir by hand, in this copy only
+  pip install --no-deps --no-build-isolation -e . 2>&1 | tail -n 3
+  ln -sfn ../kernels vla_accel/kernels
+  python -c "import vla_accel.kernels" || { echo "vla_accel.kernels not importable"; exit 1; }
+fi
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv
+python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+start=$(date +%s)
+python -m vla_accel.kernels.tune --preset 7b --out "$OUT/table.json" > "$OUT/tune.log" 2>&1
+echo "tune rc=$? after $(( $(date +%s) - start )) s"; tail -n 25 "$OUT/tune.log"
+# the tests and the benchmark read the packaged table: install the fresh one there
+python - "$OUT/table.json" <<'PY'
+import shutil, sys, torch
+from vla_accel.kernels.dispatch import TABLE_DIR, gpu_slug
+TABLE_DIR.mkdir(parents=True, exist_ok=True)
+shutil.copy(sys.argv[1], TABLE_DIR / f"{gpu_slug(torch.cuda.get_device_name())}.json")
+PY
+python -m pytest -q -m gpu tests/test_kernels_gpu.py -p no:cacheprovider > "$OUT/pytest_gpu.log" 2>&1
+echo "pytest rc=$? after $(( $(date +%s) - start )) s"; tail -n 12 "$OUT/pytest_gpu.log"
+python -m vla_accel.kernels.bench --out "$OUT" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
+echo "bench rc=$? after $(( $(date +%s) - start )) s"; tail -n 60 "$OUT/bench.log"

@@ -1,0 +1,178 @@
+"""Dispatch table, choose(), rule building, config names, tuner shapes and phi calibration (no kernels run)."""
+
+import json
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # Triton's interpreter must be chosen before triton is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from vla_accel.kernels import (DispatchTable, GemmConfig, GemvConfig, build_rules, calibrate_phi, choose,  # noqa: E402
+                               load_table)
+from vla_accel.kernels.calibrate import SoftmaxCalibration, default_safe_range  # noqa: E402
+from vla_accel.kernels.dispatch import gpu_slug  # noqa: E402
+from vla_accel.kernels.tune import (candidates, compile_jobs, compile_signature, llm_dims_from_hf,  # noqa: E402
+                                    model_linear_shapes)
+
+FLAT_S = GemmConfig(64, 16, 128, 4, 4, 4).name
+FLAT_L = GemmConfig(128, 128, 64, 8, 4, 1).name
+GEMV = GemvConfig(16, 512, 4).name
+
+
+@pytest.fixture
+def table():
+    return DispatchTable(gpu="Test GPU", dtype="bfloat16", rules={
+        "linear:4096x4096": [(1, GEMV), (64, FLAT_S), (256, FLAT_L), (600, "cublas")],
+        "gate_up_silu:22016x4096": [(128, FLAT_S)],
+    })
+
+
+@pytest.mark.parametrize("m, expected", [
+    (1, GEMV), (2, FLAT_S), (64, FLAT_S), (65, FLAT_L), (256, FLAT_L), (257, "cublas"), (600, "cublas"),
+    (601, "cublas"),  # beyond the last rule: the safe default
+    (0, "cublas"),
+])
+def test_choose_intervals(table, m, expected):
+    assert choose(table, (4096, 4096), m) == expected
+
+
+def test_choose_defaults(table):
+    assert choose(None, (4096, 4096), 8) == "cublas"
+    assert choose(table, (1234, 4096), 8) == "cublas"  # unknown shape
+    assert choose(table, (22016, 4096), 8, op="gate_up_silu") == FLAT_S
+    assert choose(table, (22016, 4096), 129, op="gate_up_silu") == "cublas"
+    # the residual op borrows the plain rules of its shape, a shape-less op does not borrow
+    assert choose(table, (4096, 4096), 100, op="linear_residual") == FLAT_L
+    assert choose(table, (22016, 4096), 8, op="linear") == "cublas"
+    with pytest.raises(ValueError, match="valid ops"):
+        choose(table, (4096, 4096), 8, op="conv")
+
+
+def test_choose_is_pure(table):
+    before = json.dumps(table.to_dict(), sort_keys=True)
+    results = [choose(table, (4096, 4096), m) for m in range(1, 700)]
+    assert results == [choose(table, (4096, 4096), m) for m in range(1, 700)]
+    assert json.dumps(table.to_dict(), sort_keys=True) == before
+
+
+def test_table_roundtrip_and_switch_points(table, tmp_path):
+    path = tmp_path / "t.json"
+    table.save(path)
+    again = load_table(path)
+    assert again.rules == table.rules and again.gpu == "Test GPU" and again.dtype == "bfloat16"
+    assert again.switch_points("linear:4096x4096") == [(2, "gemv", "flat"), (257, "flat", "cublas")]
+    assert json.loads(path.read_text())["switch_points"]["linear:4096x4096"] == [[2, "gemv", "flat"],
+                                                                                [257, "flat", "cublas"]]
+
+
+def test_table_validation():
+    with pytest.raises(ValueError, match="valid families"):
+        DispatchTable(rules={"linear:8x8": [(4, "magic")]})
+    with pytest.raises(ValueError, match="strictly increasing"):
+        DispatchTable(rules={"linear:8x8": [(8, "cublas"), (4, "cublas")]})
+    with pytest.raises(ValueError, match="unknown op"):
+        DispatchTable(rules={"matmul:8x8": [(8, "cublas")]})
+    with pytest.raises(ValueError, match="not a dispatch table"):
+        DispatchTable.from_dict({"rules": {}})
+
+
+def test_build_rules_picks_fastest_and_merges():
+    points = [
+        (1, {"cublas": 10.0, GEMV: 5.0, FLAT_S: 6.0}),
+        (8, {"cublas": 10.0, FLAT_S: 6.0}),
+        (16, {"cublas": 10.0, FLAT_S: 7.0, FLAT_L: 9.0}),
+        (256, {"cublas": 10.0, FLAT_L: 9.95}),  # within the 1% margin: cuBLAS stays
+        (600, {"cublas": 10.0, FLAT_L: 12.0}),
+    ]
+    assert build_rules(points) == [(1, GEMV), (16, FLAT_S), (600, "cublas")]
+    assert build_rules(points, margin=0.0) == [(1, GEMV), (16, FLAT_S), (256, FLAT_L), (600, "cublas")]
+
+
+def test_config_names_roundtrip():
+    for cfg in (GemmConfig(), GemmConfig(128, 256, 64, 8, 3, 2)):
+        assert GemmConfig.parse(cfg.name) == cfg
+    assert GemvConfig.parse(GemvConfig(8, 1024, 4).name) == GemvConfig(8, 1024, 4)
+    for bad in ("flat:bn64", "gemv:bn16.bk512.w4", "flat:bn64.bm16.bk128.w4.s4.k0", "flat:"):
+        with pytest.raises(ValueError, match="bad kernel config name"):
+            GemmConfig.parse(bad)
+
+
+def test_gpu_slug():
+    assert gpu_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+
+
+def test_llama_7b_shapes():
+    shapes = {s.name: (s.op, s.n, s.k) for s in model_linear_shapes(4096, 11008, 32)}
+    assert shapes == {"qkv": ("linear", 12288, 4096), "o": ("linear", 4096, 4096),
+                      "gate": ("linear", 11008, 4096), "down": ("linear", 4096, 11008),
+                      "gate_up": ("gate_up_silu", 22016, 4096)}
+
+
+def test_dims_from_bare_text_config():
+    d = {"text_config": {"hidden_size": 256, "intermediate_size": 688, "num_attention_heads": 4,
+                         "num_key_value_heads": 2}}
+    assert llm_dims_from_hf(d) == (256, 688, 4, 2)
+    qkv = model_linear_shapes(*llm_dims_from_hf(d))[0]
+    assert (qkv.n, qkv.k) == (256 + 2 * 2 * 64, 256)  # grouped K/V heads shrink the fused projection
+    with pytest.raises(ValueError, match="intermediate_size"):
+        llm_dims_from_hf({"text_config": {"hidden_size": 8, "num_attention_heads": 2}})
+
+
+def test_candidates_are_valid_and_include_cublas():
+    for m in (1, 8, 83, 150, 300, 600):
+        for op, n, k in (("linear", 4096, 11008), ("gate_up_silu", 22016, 4096)):
+            names = candidates(op, n, k, m, 132)
+            assert names[0] == "cublas" and len(set(names)) == len(names)
+            DispatchTable(rules={f"{op}:{n}x{k}": [(m, name)] for name in names[1:2]})  # validates the name
+            assert any(name.startswith("flat") for name in names)
+            assert all(not name.startswith("gemv") for name in names) or m <= 4
+
+
+def test_compile_jobs_one_run_per_kernel_variant():
+    shapes = model_linear_shapes(4096, 11008, 32)[1:2]  # the O projection
+    jobs = compile_jobs(shapes, [8, 16], torch.bfloat16, 132)
+    sigs = [compile_signature(op, k, m, impl) for op, n, k, m, impl, _ in jobs]
+    assert len(sigs) == len(set(sigs))
+    names = {(m, name) for m in (8, 16) for name in candidates("linear", 4096, 4096, m, 132)[1:]}
+    assert {compile_signature("linear", 4096, m, name) for m, name in names} == set(sigs)
+    assert len(jobs) < len(names)  # m = 8 and 16 share tiles; split factors > 1 share one kernel
+
+
+# ---------------------------------------------------------------- calibration
+
+def test_calibrate_phi_covers_a_narrow_distribution():
+    lo, hi = default_safe_range(torch.float16)
+    rm = torch.linspace(3.0, 9.0, 1000)  # spread 6 < window 12
+    cal = calibrate_phi(rm, dtype=torch.float16)
+    assert cal.coverage == 1.0 and cal.rows == 1000
+    assert lo <= 3.0 - cal.phi and 9.0 - cal.phi <= hi
+    assert abs((3.0 - cal.phi - lo) - (hi - (9.0 - cal.phi))) < 1e-5  # centred in the slack
+
+
+def test_calibrate_phi_prefers_the_larger_cluster(tmp_path):
+    rm = torch.cat([torch.full((900,), 5.0), torch.full((100,), 40.0), torch.tensor([float("-inf")])])
+    cal = calibrate_phi(rm, dtype=torch.float16)  # window 12 cannot hold both clusters
+    assert abs(cal.coverage - 0.9) < 1e-6 and cal.rows == 1000
+    assert cal.lo <= 5.0 - cal.phi <= cal.hi
+    cal.save(tmp_path / "phi.json")
+    assert SoftmaxCalibration.load(tmp_path / "phi.json") == cal
+
+
+# ---------------------------------------------------------------- attention tile configs in the table
+
+def test_choose_attention_and_roundtrip(tmp_path):
+    from vla_accel.kernels import AttentionConfig, choose_attention
+    small, big = AttentionConfig(32, 64, 4, 3).name, AttentionConfig(64, 64, 4, 3).name
+    table = DispatchTable(gpu="Test GPU", attention={"d128": [(128, small), (768, big)]})
+    assert choose_attention(table, 128, 64) == small
+    assert choose_attention(table, 128, 129) == big
+    assert choose_attention(table, 128, 769) is None  # beyond the tuned lengths: the launcher's default
+    assert choose_attention(table, 64, 64) is None
+    assert choose_attention(None, 128, 64) is None
+    table.save(tmp_path / "t.json")
+    assert load_table(tmp_path / "t.json").attention == table.attention
+    assert AttentionConfig.parse(big) == AttentionConfig(64, 64, 4, 3)
+    with pytest.raises(ValueError, match="bad attention config name"):
+        DispatchTable(attention={"d128": [(64, "attn:bm64")]})
