@@ -66,7 +66,7 @@ def resize_like_reference(img: np.ndarray, size: int = 224, jpeg: bool = True) -
         pil = Image.open(buf).convert("RGB")
     if pil.size != (size, size):
         pil = pil.resize((size, size), Image.LANCZOS)
-    return np.asarray(pil, dtype=np.uint8)
+    return np.array(pil, dtype=np.uint8)  # a writable copy
 
 
 def crop_and_resize(img: np.ndarray, crop_scale: float = 0.9) -> np.ndarray:

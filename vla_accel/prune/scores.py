@@ -1,0 +1,59 @@
+"""Attention scores of visual tokens from chosen query rows, without full attention matrices.
+
+The backbone (`vla_accel.model.llama`) computes, at a layer the hook asks for, the softmax mass each key
+receives from a few query rows, averaged over heads and those rows (`key_mass_from_rows`: the rows
+against all keys, never an [S, S] matrix). This file picks the rows and maps the per-key mass back to
+visual tokens by their ORIGINAL position, so it works on pruned, re-padded sequences. Only visual tokens
+are ever dropped and the order never changes, so a non-visual token at original position p sits at index
+p - (visual tokens dropped so far) of its sample:
+
+    position 0             BOS
+    1 .. 256               third-person patches (camera 0)   -> visual slot 0 .. 255
+    257 .. 512             wrist patches (camera 1)          -> visual slot 256 .. 511
+    513                    proprio
+    514 .. 512 + P         prompt tokens 1 .. P-1 (P = prompt length incl. BOS and the trailing 29871)
+    then 56 placeholders and the stop token.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def visual_slot(positions: torch.Tensor, key_mask: torch.Tensor | None, n_vis: int) -> torch.Tensor:
+    """positions [B, S] -> [B, S] long: visual slot (position - 1) of valid visual tokens, else n_vis."""
+    slot = positions - 1
+    is_vis = (slot >= 0) & (slot < n_vis)
+    if key_mask is not None:
+        is_vis = is_vis & key_mask
+    return torch.where(is_vis, slot, torch.full_like(slot, n_vis))
+
+
+def to_visual(values: torch.Tensor, slot: torch.Tensor, n_vis: int, fill: float = float("-inf")) -> torch.Tensor:
+    """values [B, S] per current token -> [B, n_vis] per visual slot (`fill` where the token is absent)."""
+    B = values.shape[0]
+    out = torch.full((B, n_vis + 1), fill, dtype=values.dtype, device=values.device)
+    out.scatter_(1, slot, values)
+    return out[:, :n_vis]
+
+
+def query_window(prompt_lens: torch.Tensor, n_vis: int, skip: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Original positions [lo, hi] (inclusive, per sample) of the prompt tokens used as score queries:
+    prompt tokens `1 + skip .. P - 1` (the trailing 29871 included). A prompt too short for `skip`
+    uses all its tokens after BOS."""
+    n_after_bos = prompt_lens - 1  # prompt tokens after BOS
+    s = torch.where(n_after_bos > skip, torch.full_like(prompt_lens, skip), torch.zeros_like(prompt_lens))
+    lo = n_vis + 2 + s
+    hi = n_vis + prompt_lens
+    return lo, hi
+
+
+def window_rows(start: torch.Tensor, count: torch.Tensor, R: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows start_b .. start_b + count_b - 1 of each sample -> (row_idx [B, R] long, row_valid [B, R] bool).
+
+    R >= max(count) is given by the caller (known from the prompt lengths: no device sync); surplus entries
+    point at row 0 and are invalid.
+    """
+    r = torch.arange(R, device=start.device)[None]
+    valid = r < count[:, None]
+    return torch.where(valid, start[:, None] + r, torch.zeros_like(r)), valid
