@@ -1,0 +1,76 @@
+"""CPU: the runtime's row-wise Triton kernels (kernels/rowwise.py) under the Triton interpreter, against the
+plain-torch arithmetic of the model. Shapes include odd sizes. fp32: the kernels must agree to fp32 rounding
+(1e-6). bf16: the interpreter truncates when it casts fp32 -> bf16 (the GPU rounds), one bf16 ulp (2^-7
+relative) per cast and the kernels cast twice (e.g. silu, then the product): 2 ulp allowed. The GPU tests
+(test_runtime_gpu.py) check the compiled kernels at the real shapes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the first import of vla_accel.kernels
+triton = pytest.importorskip("triton")
+
+from vla_accel.kernels import rowwise as R  # noqa: E402
+from vla_accel.model.llama import apply_rope, rope_cos_sin  # noqa: E402
+from vla_accel.runtime.fused import rope_table  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+ROWS = [1, 7, 83]
+TOL = {torch.float32: dict(rtol=1e-6, atol=1e-6), torch.bfloat16: dict(rtol=1.6e-2, atol=2e-2)}
+
+
+@pytest.fixture(autouse=True)
+def _interpreted():
+    if DEV == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("vla_accel.kernels was imported before TRITON_INTERPRET=1 could be set (another test module)")
+
+
+@pytest.mark.parametrize("T", ROWS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm(T, dtype):
+    g = torch.Generator().manual_seed(T)
+    x = torch.randn(T, 96, generator=g).to(DEV, dtype)
+    w = (1 + 0.1 * torch.randn(96, generator=g)).to(DEV, dtype)
+    from vla_accel.model.llama import RMSNorm
+
+    norm = RMSNorm(96, 1e-6).to(DEV, dtype)
+    norm.weight.data.copy_(w)
+    with torch.no_grad():
+        torch.testing.assert_close(R.rms_norm(x, w, 1e-6), norm(x), **TOL[dtype])
+
+
+@pytest.mark.parametrize("T", ROWS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_split_matches_model(T, dtype):
+    H, d = 4, 16
+    g = torch.Generator().manual_seed(T)
+    qkv = torch.randn(T, 3 * H * d, generator=g).to(DEV, dtype)
+    pos = torch.randint(0, 700, (T,), generator=g).to(DEV)
+    cos, sin = rope_table(1024, d, 10000.0, dtype, DEV)
+    q, k = R.rope_split(qkv, pos, cos, sin, H)
+    c, s = rope_cos_sin(pos[None], d, 10000.0, dtype)  # the model's own RoPE
+    for got, part in ((q, 0), (k, 1)):
+        x = qkv[:, part * H * d:(part + 1) * H * d].view(1, T, H, d).transpose(1, 2)
+        torch.testing.assert_close(got, apply_rope(x, c, s).transpose(1, 2)[0], **TOL[dtype])
+
+
+@pytest.mark.parametrize("T", ROWS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_mul(T, dtype):
+    gu = torch.randn(T, 2 * 172, generator=torch.Generator().manual_seed(T)).to(DEV, dtype)
+    g, u = gu.chunk(2, dim=-1)
+    torch.testing.assert_close(R.silu_mul(gu), torch.nn.functional.silu(g) * u, **TOL[dtype])
+
+
+def test_shape_errors():
+    with pytest.raises(ValueError, match="power-of-two half"):
+        R.rope_split(torch.zeros(2, 3 * 4 * 12), torch.zeros(2, dtype=torch.long), torch.zeros(8, 6),
+                     torch.zeros(8, 6), 4)
+    with pytest.raises(ValueError, match="contiguous last dim"):
+        R.silu_mul(torch.zeros(4, 8).t())
