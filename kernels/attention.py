@@ -10,6 +10,10 @@ calibrated offline (calibrate.py); safe_range: (lo, hi) around phi, same units (
 calibrate.default_safe_range). Rows whose log-sum-exp of logits minus phi leaves [lo, hi] are recomputed
 in-kernel with the online softmax: the result is finite for any finite logits.
 
+With score_rows, the attention kernel also stores each row's log-sum-exp and a second, small kernel
+(attention_key_mass_kernel) computes the key mass from the selected rows only: the attention itself runs
+as without scoring.
+
 No host synchronisation happens here (CUDA-graph friendly): the fallback count in `stats` stays a
 device tensor until the caller reads it.
 """
@@ -26,6 +30,11 @@ from .calibrate import default_safe_range
 
 LOG2E = 1.4426950408889634
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# key-mass kernel: (query rows, keys) per step. 64 x 64 with 4 warps and at most 4 row tiles per selection
+# load needs 128 registers (Triton 3.6, sm_90): 4 programs per SM; 16 row tiles per load took 153.
+_SCORE_TILES_GPU = (64, 64)
+_SCORE_TILES_CPU = (32, 32)  # interpreter: cheaper steps
+_SCORE_GROUP_MAX = 4  # row tiles whose selection the key-mass kernel reads with one load
 
 
 @dataclass(frozen=True)
@@ -104,29 +113,44 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: tor
     phi = 0.0 if phi is None else float(phi)
     cfg = _pick_config(config, table, d, max_seqlen, q.device)
 
-    out = torch.empty_like(q)
+    out = torch.empty_like(q)  # [T, H, D]
     scoring = score_rows is not None
     want_flags = stats is not None
-    # unused buffers are never touched by the kernel (constexpr flags): pass `out` instead of allocating
-    key_mass = torch.zeros(t, dtype=torch.float32, device=q.device) if scoring else out
-    if scoring:  # bool rows are read as bytes in place (no conversion kernel)
+    # unused buffers are never touched by the kernels (constexpr flags): pass `out` instead of allocating
+    if scoring:
+        key_mass = torch.zeros(t, dtype=torch.float32, device=q.device)  # [T]
+        lse = torch.empty((t, h), dtype=torch.float32, device=q.device)  # [T, H], every row of a sequence written
+        # bool rows are read as bytes in place (no conversion kernel)
         sel = score_rows.view(torch.uint8) if score_rows.dtype == torch.bool else (score_rows != 0).view(torch.uint8)
     else:
-        sel = out
+        key_mass = lse = sel = out
     # every row inside a sequence gets its flag written; zeros only matter for rows outside all sequences
     flags = (torch.zeros if want_flags else torch.empty)((t, h), dtype=torch.int8, device=q.device)
     if t > 0 and max_seqlen > 0:
-        grid = (batch * h, triton_cdiv(max_seqlen, cfg.block_m))
+        dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
+        # grid: (query tiles, B*H): the tiles of one (sequence, head) are issued together (see the kernel)
+        grid = (triton_cdiv(max_seqlen, cfg.block_m), batch * h)
         _k.attention_fwd_kernel[grid](
-            q, k, v, out, cu_seqlens, sel, key_mass, flags,
+            q, k, v, out, cu_seqlens, lse, flags,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             out.stride(0), out.stride(1),
             h, scale * LOG2E, phi * LOG2E, lo * LOG2E, hi * LOG2E,
             HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            CAUSAL=causal, UNIFIED=not online, SCORE=scoring,
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            CAUSAL=causal, UNIFIED=not online, SCORE=scoring, DOT_PRECISION=dot_precision,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
+        if scoring:  # the selected rows x all keys of their sequence, one program per (key block, head)
+            bm, bn = _SCORE_TILES_GPU if q.device.type == "cuda" else _SCORE_TILES_CPU
+            n_tiles = triton_cdiv(max_seqlen, bm)
+            group = min(_SCORE_GROUP_MAX, max(2, 1 << (n_tiles - 1).bit_length()))  # power of two
+            _k.attention_key_mass_kernel[(triton_cdiv(max_seqlen, bn), batch * h)](
+                q, k, cu_seqlens, sel, lse, key_mass,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                h, scale * LOG2E,
+                HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, GROUP=group,
+                CAUSAL=causal, DOT_PRECISION=dot_precision,
+                num_warps=4, num_stages=1,
+            )
     if want_flags:
         stats["flags"] = flags.bool()
         stats["fallback_rows"] = flags.sum(dtype=torch.int64)

@@ -14,10 +14,17 @@ any row left the safe range, it recomputes the tile with the online pass (a non-
 rare fallback does not raise the register count of the common path) and stores those rows.
 Key blocks that lie fully inside the sequence (and, if causal, fully below the diagonal) run without masks.
 
-Optional key-mass scoring (SCORE): for query rows with SEL[row] != 0, a second sweep over the keys adds
-p / (H * selected rows of the sequence) into KEY_MASS[key] (relaxed atomics across heads and row tiles).
-It runs only in programs holding a selected row and re-reads K, not V (the normaliser l is only known after
-the first sweep).
+Grid of the attention kernel: (query tiles, batch * heads), the tile index reversed. Programs are issued in
+grid order (axis 0 fastest), so the tiles of one (sequence, head) run side by side and share its K/V in L2
+(with a ragged batch of 8, K + V of all heads is 37-62 MB, more than the 50 MB L2); the last tile (causal:
+the most keys) of each head starts first.
+
+Optional key-mass scoring (SCORE): the attention kernel then also stores every row's log-sum-exp
+(LSE [T, H], log2 units of the scaled logits). A separate, small kernel (attention_key_mass_kernel) computes
+p = exp2(s2 - lse2) for the selected query rows only (SEL[row] != 0) and adds
+p / (H * selected rows of the sequence) into KEY_MASS[key]. Its programs own one key block of one
+(sequence, head), so the scoring work is spread over all SMs instead of lengthening the attention tiles that
+hold selected rows.
 """
 
 import triton
@@ -87,33 +94,10 @@ def _online_blocks(acc, l, m, q, k_base, v_base, stride_kt, stride_vt, offs_m, s
 
 
 @triton.jit
-def _key_mass(q, k_base, stride_kt, SEL, KEY_MASS, seq_start, seq_len, n_end, offs_m, rows, row_ok, take, l, shift,
-              num_heads, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-              DOT_PRECISION: tl.constexpr):
-    # KEY_MASS[key] += p(row, key) / (H * selected rows of the sequence), over this tile's selected rows that
-    # `take` admits; p = exp2(s2 - shift) / l per row
-    sel = tl.load(SEL + rows, mask=row_ok, other=0).to(tl.float32) * take.to(tl.float32)  # [BLOCK_M]
-    if tl.sum(sel, 0) > 0:
-        n_sel = tl.zeros([BLOCK_N], dtype=tl.float32)  # the sequence's selected rows (a few hundred bytes)
-        for start in range(0, seq_len, BLOCK_N):
-            offs = start + tl.arange(0, BLOCK_N)
-            n_sel += tl.load(SEL + seq_start + offs, mask=offs < seq_len, other=0).to(tl.float32)
-        coef = sel / (l * (tl.sum(n_sel, 0) * num_heads))  # [BLOCK_M], 0 on rows not taken
-        offs_d = tl.arange(0, HEAD_DIM)
-        for start_n in range(0, n_end, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            s = _scores(q, k_base + offs_n[:, None] * stride_kt + offs_d[None, :], offs_n, offs_m, seq_len,
-                        qk_scale, shift, True, CAUSAL, DOT_PRECISION)
-            p = tl.math.exp2(s) * coef[:, None]  # [BLOCK_M, BLOCK_N]
-            tl.atomic_add(KEY_MASS + seq_start + offs_n, tl.sum(p, 0), mask=offs_n < seq_len, sem="relaxed")
-
-
-@triton.jit
-def _online_tile(q, k_base, v_base, stride_kt, stride_vt, out_ptrs, SEL, KEY_MASS, rows, row_ok, take, offs_m,
-                 seq_start, seq_len, n_full, n_end, num_heads, qk_scale, HEAD_DIM: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, SCORE: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr):
-    # the online-softmax tile: writes the rows that `take` admits (and their key mass)
+def _online_tile(q, k_base, v_base, stride_kt, stride_vt, out_ptrs, lse_ptrs, take, offs_m, seq_len, n_full, n_end,
+                 qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 CAUSAL: tl.constexpr, SCORE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # the online-softmax tile: writes the rows that `take` admits (and, if SCORE, their log-sum-exp)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     l = tl.zeros([BLOCK_M], dtype=tl.float32)
     m = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: fully masked blocks give alpha 1, p 0
@@ -123,8 +107,7 @@ def _online_tile(q, k_base, v_base, stride_kt, stride_vt, out_ptrs, SEL, KEY_MAS
                                qk_scale, HEAD_DIM, BLOCK_N, True, CAUSAL, DOT_PRECISION)
     tl.store(out_ptrs, (acc / l[:, None]).to(out_ptrs.dtype.element_ty), mask=take[:, None])
     if SCORE:
-        _key_mass(q, k_base, stride_kt, SEL, KEY_MASS, seq_start, seq_len, n_end, offs_m, rows, row_ok, take, l,
-                  m[:, None], num_heads, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, DOT_PRECISION)
+        tl.store(lse_ptrs, m + tl.math.log2(l), mask=take)
 
 
 @triton.jit
@@ -150,7 +133,7 @@ def _tile(Q, K, V, OUT, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, s
 
 
 @triton.jit(noinline=True)
-def _online_fallback(Q, K, V, OUT, SEL, KEY_MASS, FLAGS,
+def _online_fallback(Q, K, V, OUT, LSE, FLAGS,
                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
                      num_heads, h, pid_m, seq_start, seq_len, qk_scale,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
@@ -163,26 +146,25 @@ def _online_fallback(Q, K, V, OUT, SEL, KEY_MASS, FLAGS,
         h, pid_m, seq_start, seq_len, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL)
     q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
     take = tl.load(FLAGS + rows * num_heads + h, mask=row_ok, other=0) != 0
-    _online_tile(q, k_base, v_base, stride_kt, stride_vt, out_ptrs, SEL, KEY_MASS, rows, row_ok, take, offs_m,
-                 seq_start, seq_len, n_full, n_end, num_heads, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, SCORE,
-                 DOT_PRECISION)
+    _online_tile(q, k_base, v_base, stride_kt, stride_vt, out_ptrs, LSE + rows * num_heads + h, take, offs_m, seq_len, n_full, n_end,
+                 qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, SCORE, DOT_PRECISION)
 
 
 @triton.jit
 def attention_fwd_kernel(
     Q, K, V, OUT,  # [T, H, D] each (last dim contiguous)
     CU_SEQLENS,  # int32 [B+1]
-    SEL, KEY_MASS,  # uint8 [T] query rows to score; fp32 [T] zero-initialised (used when SCORE)
+    LSE,  # fp32 [T, H]: row log-sum-exp of s2, written when SCORE (read by attention_key_mass_kernel)
     FLAGS,  # int8 [T, H]: 1 where the row left the safe range (always written; read back by the fallback)
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     num_heads, qk_scale, phi2, lo2, hi2,  # qk_scale = sm_scale * log2(e); phi2, lo2, hi2 in log2 units
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, UNIFIED: tl.constexpr, SCORE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    # grid: (batch * heads, query tiles); tiles run last-first so that the heavier ones (causal: more keys;
-    # scoring: the selected rows usually end a sequence) start early
-    pid_bh = tl.program_id(0)
-    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    # grid: (query tiles, batch * heads). Axis 0 is issued fastest: the tiles of one (sequence, head) run
+    # together and share its K/V in L2; they run last-first (causal: the tile with the most keys starts first)
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
     b = pid_bh // num_heads
     h = pid_bh % num_heads
     seq_start = tl.load(CU_SEQLENS + b)
@@ -207,17 +189,78 @@ def attention_fwd_kernel(
         bad = ((lse2 < lo2) | (lse2 > hi2) | (lse2 != lse2)) & row_ok
         good = row_ok & (bad == 0)
         tl.store(out_ptrs, (acc / l[:, None]).to(OUT.dtype.element_ty), mask=good[:, None])
-        if SCORE:
-            _key_mass(q, k_base, stride_kt, SEL, KEY_MASS, seq_start, seq_len, n_end, offs_m, rows, row_ok, good, l,
-                      phi2, num_heads, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, DOT_PRECISION)
+        if SCORE:  # LSE and FLAGS are both [T, H]
+            tl.store(LSE + rows * num_heads + h, phi2 + lse2, mask=good)
         tl.store(FLAGS + rows * num_heads + h, bad.to(tl.int8), mask=row_ok)
         if tl.sum(bad.to(tl.int32), 0) > 0:
             tl.debug_barrier()  # the flags written above are read back by other threads of this program
-            _online_fallback(Q, K, V, OUT, SEL, KEY_MASS, FLAGS, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
+            _online_fallback(Q, K, V, OUT, LSE, FLAGS, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
                              stride_vh, stride_ot, stride_oh, num_heads, h, pid_m, seq_start, seq_len, qk_scale,
                              HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, SCORE, DOT_PRECISION)
     else:
         tl.store(FLAGS + rows * num_heads + h, tl.zeros([BLOCK_M], dtype=tl.int8), mask=row_ok)
-        _online_tile(q, k_base, v_base, stride_kt, stride_vt, out_ptrs, SEL, KEY_MASS, rows, row_ok, row_ok, offs_m,
-                     seq_start, seq_len, n_full, n_end, num_heads, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, SCORE,
-                     DOT_PRECISION)
+        _online_tile(q, k_base, v_base, stride_kt, stride_vt, out_ptrs, LSE + rows * num_heads + h, row_ok, offs_m, seq_len, n_full,
+                     n_end, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, SCORE, DOT_PRECISION)
+
+
+@triton.jit
+def attention_key_mass_kernel(
+    Q, K,  # [T, H, D] (last dim contiguous)
+    CU_SEQLENS,  # int32 [B+1]
+    SEL,  # uint8 [T]: query rows to score
+    LSE,  # fp32 [T, H]: row log-sum-exp of s2 (log2 units), from attention_fwd_kernel
+    KEY_MASS,  # fp32 [T], zero-initialised: += p(row, key) / (H * selected rows of the sequence)
+    stride_qt, stride_qh, stride_kt, stride_kh,
+    num_heads, qk_scale,  # qk_scale = sm_scale * log2(e)
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    GROUP: tl.constexpr,  # row tiles whose selection is read with one load (power of two)
+    CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # grid: (key blocks, batch * heads). A program holds one block of BLOCK_N keys of one (sequence, head) and
+    # sweeps the sequence's query rows in tiles of BLOCK_M; only tiles holding a selected row are computed.
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    seq_start = tl.load(CU_SEQLENS + b)
+    seq_len = tl.load(CU_SEQLENS + b + 1) - seq_start
+    n0 = pid_n * BLOCK_N
+    if n0 >= seq_len:
+        return
+
+    offs_n = n0 + tl.arange(0, BLOCK_N)  # key positions inside the sequence
+    offs_d = tl.arange(0, HEAD_DIM)
+    key_ok = offs_n < seq_len
+    k_ptrs = K + (seq_start.to(tl.int64) + offs_n)[:, None] * stride_kt + h * stride_kh + offs_d[None, :]
+    k = tl.load(k_ptrs, mask=key_ok[:, None], other=0.0)  # [BLOCK_N, D]
+    mass = tl.zeros([BLOCK_N], dtype=tl.float32)  # sum over selected rows of p(row, key)
+    n_sel = 0  # selected rows of the sequence
+    tile_ids = tl.arange(0, GROUP)
+    for g0 in range(0, seq_len, GROUP * BLOCK_M):
+        # the selection of GROUP row tiles in one load: [GROUP, BLOCK_M] bytes
+        offs_g = g0 + tile_ids[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
+        sel_g = tl.load(SEL + seq_start + offs_g, mask=offs_g < seq_len, other=0)
+        n_sel += tl.sum(tl.sum(sel_g.to(tl.int32), 1), 0)
+        # bit i: tile i of the group holds a selected row (a scalar: the loop below keeps no vector live)
+        tile_bits = tl.sum((tl.max(sel_g, 1) != 0).to(tl.int32) << tile_ids, 0)
+        for i in range(GROUP):
+            m0 = g0 + i * BLOCK_M
+            has_sel = ((tile_bits >> i) & 1) != 0
+            if CAUSAL:
+                has_sel = has_sel & (m0 + BLOCK_M > n0)  # some row of the tile sees a key of this block
+            if has_sel:
+                offs_m = m0 + tl.arange(0, BLOCK_M)
+                rows = seq_start.to(tl.int64) + offs_m  # packed row index
+                sel = (tl.load(SEL + rows, mask=offs_m < seq_len, other=0) != 0)  # [BLOCK_M]
+                q = tl.load(Q + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=sel[:, None],
+                            other=0.0)  # [BLOCK_M, D]
+                lse2 = tl.load(LSE + rows * num_heads + h, mask=sel, other=0.0)  # [BLOCK_M]
+                s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale - lse2[:, None]
+                valid = sel[:, None] & key_ok[None, :]
+                if CAUSAL:
+                    valid = valid & (offs_n[None, :] <= offs_m[:, None])
+                p = tl.math.exp2(tl.where(valid, s, float("-inf")))  # [BLOCK_M, BLOCK_N], <= 1
+                mass += tl.sum(p, 0)
+    if n_sel > 0:
+        coef = 1.0 / (n_sel.to(tl.float32) * num_heads)
+        tl.atomic_add(KEY_MASS + seq_start + offs_n, mass * coef, mask=key_ok, sem="relaxed")

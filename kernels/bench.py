@@ -24,20 +24,19 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .attention import AttentionConfig, attention
 from .calibrate import calibrate_phi, row_logsumexp
 from .dispatch import DispatchTable, choose, choose_attention, default_table, gpu_slug, load_table
 from .gemm import GemmConfig, GemvConfig, default_gemm_config
 from .reference import attention_reference, gate_up_silu_reference, linear_reference
-from .tune import (M_GRID, LinearShape, ShapeBuffers, compile_signature, environment, llm_dims_from_preset,
-                   model_linear_shapes, precompile, rel_err, time_graph_us)
+from .tune import (M_GRID, LinearShape, ShapeBuffers, attention_batches, compile_signature, environment,
+                   llm_dims_from_preset, model_linear_shapes, packed_qkv, precompile, rel_err, sdpa_baselines,
+                   time_graph_us)
 
 PEAK_BW = 2.96e12  # B/s, device copy (read + write) measured on the H100 (docs/flashdecoding-pp.md)
 PEAK_FLOPS = 750e12  # FLOP/s, dense bf16 matmul, same source
 ATTN_L = [64, 128, 256, 384, 512, 640]
-RAGGED_FRACTIONS = [1.0, 0.93, 0.85, 0.78, 0.7, 0.62, 0.55, 0.5]  # lengths of the ragged batch, x L
 
 
 def geomean(xs):
@@ -150,62 +149,14 @@ def gemm_summary(rows: list[dict], ops: tuple[str, ...]) -> dict:
 
 # ---------------------------------------------------------------- attention
 
-def _packed(lengths: list[int], heads: int, dim: int, dtype, dev, gen):
-    total = sum(lengths)
-    q, k, v = (torch.randn(total, heads, dim, device=dev, dtype=dtype, generator=gen) for _ in range(3))
-    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32, device=dev)
-    return q, k, v, cu
-
-
-def _sdpa_variants(q, k, v, lengths: list[int]):
-    """torch SDPA baselines for the same packed batch: {label: fn(i)} (each returns nothing useful)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    heads, dim = q.shape[1], q.shape[2]
-    out = {}
-    if len(lengths) == 1:
-        qd, kd, vd = (t.view(1, lengths[0], heads, dim).transpose(1, 2) for t in (q, k, v))  # [1, H, L, D]
-        for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
-                              ("cudnn", SDPBackend.CUDNN_ATTENTION)):
-            def fn(i, backend=backend):
-                with sdpa_kernel(backend):
-                    return F.scaled_dot_product_attention(qd, kd, vd)
-            out[f"sdpa_{name}"] = fn
-        out["sdpa_default"] = lambda i: F.scaled_dot_product_attention(qd, kd, vd)
-        return out
-    # ragged: padded dense batch with a key-padding mask (what a stock model does)
-    b, lmax = len(lengths), max(lengths)
-    pad = [torch.zeros(b, heads, lmax, dim, device=q.device, dtype=q.dtype) for _ in range(3)]
-    starts = [0] + list(torch.tensor(lengths).cumsum(0).tolist())
-    for i, n in enumerate(lengths):
-        for p, t in zip(pad, (q, k, v)):
-            p[i, :, :n] = t[starts[i]:starts[i] + n].transpose(0, 1)
-    keep = torch.arange(lmax, device=q.device)[None, :] < torch.tensor(lengths, device=q.device)[:, None]
-    mask = keep[:, None, None, :]  # [B, 1, 1, Lmax]
-    out["sdpa_padded_mask"] = lambda i: F.scaled_dot_product_attention(pad[0], pad[1], pad[2], attn_mask=mask)
-    # one SDPA call per sequence (each flash-eligible)
-    views = [tuple(t[starts[i]:starts[i] + n].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-             for i, n in enumerate(lengths)]
-    out["sdpa_per_sequence"] = lambda i: [F.scaled_dot_product_attention(*vw) for vw in views]
-    # nested (jagged) tensors: SDPA's own varlen path
-    try:
-        offsets = torch.tensor(starts, device=q.device, dtype=torch.int64)
-        nq, nk, nv = (torch.nested.nested_tensor_from_jagged(t, offsets, min_seqlen=min(lengths), max_seqlen=lmax)
-                      .transpose(1, 2) for t in (q, k, v))
-        F.scaled_dot_product_attention(nq, nk, nv)
-        out["sdpa_nested"] = lambda i: F.scaled_dot_product_attention(nq, nk, nv)
-    except Exception:  # noqa: BLE001 - not available in this torch build: left out
-        pass
-    return out
-
-
 def bench_attention(l_grid: list[int], table: DispatchTable, heads: int = 32, dim: int = 128,
                     log=print) -> list[dict]:
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(2)
     rows = []
     for length in l_grid:
-        for batch_name, lengths in (("b1", [length]), ("ragged8", [max(1, round(length * f)) for f in RAGGED_FRACTIONS])):
-            q, k, v, cu = _packed(lengths, heads, dim, torch.bfloat16, dev, gen)
+        for batch_name, lengths in attention_batches(length).items():
+            q, k, v, cu = packed_qkv(lengths, heads, dim, torch.bfloat16, dev, gen)
             lmax = max(lengths)
             sel = torch.zeros(q.shape[0], dtype=torch.bool, device=dev)
             for a, n in zip(cu.tolist()[:-1], lengths):  # score rows: the last ~10% of each sequence (its "text")
@@ -218,7 +169,7 @@ def bench_attention(l_grid: list[int], table: DispatchTable, heads: int = 32, di
                 "ours_online": lambda i: attention(q, k, v, cu, lmax, online=True, config=cfg),
                 "ours_unified_score": lambda i: attention(q, k, v, cu, lmax, score_rows=sel, config=cfg),
             }
-            for label, fn in {**ours, **_sdpa_variants(q, k, v, lengths)}.items():
+            for label, fn in {**ours, **sdpa_baselines(q, k, v, lengths)}.items():
                 try:
                     o = fn(0)
                     if label.startswith("ours"):
@@ -250,7 +201,7 @@ def llama_like_qk(lengths, heads, dim, dtype, dev, gen, params):
     """q, k whose scaled logits look like a real Llama layer's: per head a Gaussian spread (std sigma_h), a
     common offset mu_h, and a sink key (first token) lifted by delta_h, so most logits fall in [-17, 7]."""
     sigma, mu, delta = params
-    q, k, _, cu = _packed(lengths, heads, dim, torch.float32, dev, gen)
+    q, k, _, cu = packed_qkv(lengths, heads, dim, torch.float32, dev, gen)
     root = math.sqrt(dim)
     q = q * sigma[None, :, None]
     q[:, :, 0] = 1.0

@@ -30,12 +30,15 @@ import torch
 from .attention import AttentionConfig, attention
 from .dispatch import TABLE_DIR, DispatchTable, build_rules, gpu_slug, run_impl, shape_key
 from .gemm import GemmConfig, GemvConfig, auto_split_k
+from .reference import attention_reference
 
 M_GRID = [1, 8, 16, 32, 64, 128, 150, 200, 256, 300, 400, 512, 600]
 ATTN_L_GRID = [64, 128, 256, 384, 512, 640, 768]
 ATTN_CONFIGS = [AttentionConfig(64, 64, 4, 3), AttentionConfig(64, 64, 4, 2), AttentionConfig(64, 64, 4, 4),
                 AttentionConfig(64, 32, 4, 3), AttentionConfig(64, 32, 4, 4), AttentionConfig(128, 64, 8, 3),
-                AttentionConfig(128, 32, 8, 3), AttentionConfig(32, 64, 4, 3), AttentionConfig(64, 32, 4, 2)]
+                AttentionConfig(128, 32, 8, 3), AttentionConfig(32, 64, 4, 3), AttentionConfig(64, 32, 4, 2),
+                AttentionConfig(128, 64, 8, 2)]
+RAGGED_FRACTIONS = [1.0, 0.93, 0.85, 0.78, 0.7, 0.62, 0.55, 0.5]  # lengths of the ragged batch of 8, x L
 L2_ROTATE_BYTES = 200 * 2**20  # rotate weight copies until a graph's calls touch this many bytes
 
 
@@ -297,33 +300,145 @@ def profile(shapes: list[LinearShape], m_grid: list[int], dtype: torch.dtype, *,
     return result
 
 
+def attention_batches(length: int) -> dict[str, list[int]]:
+    """The two batch shapes attention is tuned and benchmarked on, for max sequence length L."""
+    return {"b1": [length], "ragged8": [max(1, round(length * f)) for f in RAGGED_FRACTIONS]}
+
+
+def packed_qkv(lengths: list[int], heads: int, dim: int, dtype, dev, gen):
+    """Random q, k, v [T, H, D] of packed sequences and their cu_seqlens (int32 [B+1])."""
+    total = sum(lengths)
+    q, k, v = (torch.randn(total, heads, dim, device=dev, dtype=dtype, generator=gen) for _ in range(3))
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=dev)
+    return q, k, v, cu
+
+
+def sdpa_baselines(q, k, v, lengths: list[int]) -> dict:
+    """torch SDPA for the same packed batch, each way it can be run: {label: fn(i)} (fn returns SDPA's output:
+    [1, H, L, D] for one sequence; padded, per-sequence or nested otherwise)."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    heads, dim = q.shape[1], q.shape[2]
+    out = {}
+    if len(lengths) == 1:
+        qd, kd, vd = (t.view(1, lengths[0], heads, dim).transpose(1, 2) for t in (q, k, v))  # [1, H, L, D]
+        for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
+                              ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+            def fn(i, backend=backend):
+                with sdpa_kernel(backend):
+                    return F.scaled_dot_product_attention(qd, kd, vd)
+            out[f"sdpa_{name}"] = fn
+        out["sdpa_default"] = lambda i: F.scaled_dot_product_attention(qd, kd, vd)
+        return out
+    # ragged: padded dense batch with a key-padding mask (what a stock model does)
+    b, lmax = len(lengths), max(lengths)
+    pad = [torch.zeros(b, heads, lmax, dim, device=q.device, dtype=q.dtype) for _ in range(3)]  # [B, H, Lmax, D]
+    starts = [0] + torch.tensor(lengths).cumsum(0).tolist()
+    for i, n in enumerate(lengths):
+        for p, t in zip(pad, (q, k, v)):
+            p[i, :, :n] = t[starts[i]:starts[i] + n].transpose(0, 1)
+    keep = torch.arange(lmax, device=q.device)[None, :] < torch.tensor(lengths, device=q.device)[:, None]
+    mask = keep[:, None, None, :]  # [B, 1, 1, Lmax]
+    out["sdpa_padded_mask"] = lambda i: F.scaled_dot_product_attention(pad[0], pad[1], pad[2], attn_mask=mask)
+    # one SDPA call per sequence (each flash-eligible)
+    views = [tuple(t[starts[i]:starts[i] + n].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+             for i, n in enumerate(lengths)]
+    out["sdpa_per_sequence"] = lambda i: [F.scaled_dot_product_attention(*vw) for vw in views]
+    # nested (jagged) tensors: SDPA's own varlen path
+    try:
+        offsets = torch.tensor(starts, device=q.device, dtype=torch.int64)
+        nq, nk, nv = (torch.nested.nested_tensor_from_jagged(t, offsets, min_seqlen=min(lengths), max_seqlen=lmax)
+                      .transpose(1, 2) for t in (q, k, v))
+        F.scaled_dot_product_attention(nq, nk, nv)
+        out["sdpa_nested"] = lambda i: F.scaled_dot_product_attention(nq, nk, nv)
+    except Exception:  # noqa: BLE001 - not available in this torch build: left out
+        pass
+    return out
+
+
 def profile_attention(l_grid: list[int], configs: list[str], dtype: torch.dtype, *, heads: int, head_dim: int,
-                      log=print) -> list[dict]:
-    """Time each attention tile config (unified path, one sequence of length L) over the L grid."""
+                      with_sdpa: bool = True, log=print) -> list[dict]:
+    """Time each attention tile config (unified path) on both batch shapes of attention_batches(L), L over the
+    grid, and torch SDPA's best way of running the same batch (the reference attention_choice compares to).
+
+    Row per L: {"L", "batches": {"b1" | "ragged8": {"lengths", "times_us": {config: us}, "errors": {config: rel
+    err vs fp32}, "sdpa": (label, us) or None}}, "scores": {config: worst ratio}, "best": config}.
+    """
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
     rows = []
     for length in l_grid:
-        q, k, v = (torch.randn(length, heads, head_dim, device=dev, dtype=dtype, generator=gen) for _ in range(3))
-        cu = torch.tensor([0, length], dtype=torch.int32, device=dev)
-        times = {}
-        for name in configs:
-            try:
-                times[name] = time_graph_us(lambda i, name=name: attention(q, k, v, cu, length, config=name), 20)
-            except Exception as e:  # noqa: BLE001 - a failing config is reported and skipped
-                log(f"  attention L={length} {name}: {type(e).__name__}: {str(e)[:200]}")
-        best = min(times, key=times.get)
-        log(f"attention:d{head_dim} L={length:4d} best {best} {times[best]:7.1f} us "
-            f"(default {times.get(AttentionConfig().name, float('nan')):7.1f} us)")
-        rows.append({"L": length, "times_us": times})
+        batches = {}
+        for batch_name, lengths in attention_batches(length).items():
+            q, k, v, cu = packed_qkv(lengths, heads, head_dim, dtype, dev, gen)
+            ref = attention_reference(q, k, v, cu, length, out_dtype=torch.float32)
+            times, errors = {}, {}
+            for name in configs:
+                try:
+                    errors[name] = err = rel_err(attention(q, k, v, cu, length, config=name), ref)
+                    if not err < 2e-2:  # bf16 rounding gives ~2.4e-3; larger means a broken configuration
+                        log(f"  attention L={length} {batch_name} {name}: rel err {err:.3g}, dropped")
+                        continue
+                    times[name] = time_graph_us(lambda i, name=name: attention(q, k, v, cu, length, config=name), 20)
+                except Exception as e:  # noqa: BLE001 - a failing config is reported and skipped
+                    log(f"  attention L={length} {batch_name} {name}: {type(e).__name__}: {str(e)[:200]}")
+            sdpa = {}
+            for label, fn in (sdpa_baselines(q, k, v, lengths) if with_sdpa else {}).items():
+                try:
+                    sdpa[label] = time_graph_us(fn, 20)
+                except Exception:  # noqa: BLE001 - a backend that cannot run this batch is left out
+                    pass
+            best_sdpa = min(sdpa, key=sdpa.get) if sdpa else None
+            batches[batch_name] = {"lengths": lengths, "times_us": times, "errors": errors,
+                                   "sdpa": (best_sdpa, sdpa[best_sdpa]) if best_sdpa else None}
+            del q, k, v, ref
+        row = {"L": length, "batches": batches}
+        row["scores"] = attention_scores(row)
+        row["best"] = min(row["scores"], key=lambda c: row["scores"][c]) if row["scores"] else None
+        for batch_name, b in batches.items():
+            t = b["times_us"]
+            sd = f"{b['sdpa'][0]} {b['sdpa'][1]:7.1f} us" if b["sdpa"] else "no SDPA"
+            log(f"attention:d{head_dim} L={length:4d} {batch_name:8s} picked {row['best']} "
+                f"{t.get(row['best'], float('nan')):7.1f} us, fastest {min(t, key=t.get) if t else None} "
+                f"{min(t.values()) if t else float('nan'):7.1f} us | {sd}")
+        rows.append(row)
+        torch.cuda.empty_cache()
     return rows
 
 
+def attention_scores(row: dict) -> dict[str, float]:
+    """Per config: its worst ratio over the batch shapes of time / reference time, where the reference is
+    SDPA's best time on that shape (else the fastest config's). Configs not timed on every shape are left
+    out; ties are broken by the sum of the ratios (added with a weight of 1e-6)."""
+    batches = [b for b in row["batches"].values() if b["times_us"]]
+    common = set.intersection(*(set(b["times_us"]) for b in batches)) if batches else set()
+    scores = {}
+    for cfg in sorted(common):
+        ratios = []
+        for b in batches:
+            ref = b["sdpa"][1] if b.get("sdpa") else min(b["times_us"].values())
+            ratios.append(b["times_us"][cfg] / ref)
+        scores[cfg] = max(ratios) + 1e-6 * sum(ratios)
+    return scores
+
+
+def attention_choice(row: dict) -> str:
+    """The config of one profiled L: the smallest worst ratio over the batch shapes (rows of the format
+    before both shapes were profiled, {"L", "times_us"}: the fastest)."""
+    if "batches" not in row:
+        return min(row["times_us"], key=row["times_us"].get)
+    scores = attention_scores(row)
+    return min(scores, key=scores.get)
+
+
 def attention_rules(rows: list[dict]) -> list[tuple[int, str]]:
-    """Fastest config per L, neighbours with the same winner merged (L above the grid: the default)."""
+    """Chosen config per L (attention_choice), neighbours with the same choice merged (L above the grid:
+    the default)."""
     rules: list[tuple[int, str]] = []
     for r in sorted(rows, key=lambda r: r["L"]):
-        best = min(r["times_us"], key=r["times_us"].get)
+        if not (attention_scores(r) if "batches" in r else r["times_us"]):
+            continue  # no config ran at this L: the rule of the next L (or the default) covers it
+        best = attention_choice(r)
         if rules and rules[-1][1] == best:
             rules[-1] = (r["L"], best)
         else:

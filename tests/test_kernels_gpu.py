@@ -10,7 +10,7 @@ if not torch.cuda.is_available():  # Triton's interpreter must be chosen before 
 
 import vla_accel.kernels as K  # noqa: E402
 from vla_accel.kernels.dispatch import run_impl  # noqa: E402
-from vla_accel.kernels.tune import candidates  # noqa: E402
+from vla_accel.kernels.tune import ATTN_CONFIGS, attention_batches, candidates  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -130,3 +130,20 @@ def test_attention_captures_in_a_cuda_graph():
     torch.cuda.synchronize()
     ref, ref_mass = K.attention_reference(q, k, v, cu, 769, score_rows=sel, out_dtype=torch.float32)
     assert rel_err(out, ref) < TOL and rel_err(mass, ref_mass) < TOL
+
+
+@pytest.mark.parametrize("cfg", [c.name for c in ATTN_CONFIGS])
+def test_every_attention_tile_config_with_key_mass(cfg):
+    # the tuner's candidates on the benchmark's ragged batch (L = 640), text rows ending each sequence
+    lengths = attention_batches(640)["ragged8"]
+    q, k, v, cu = packed(lengths)
+    sel = torch.zeros(q.shape[0], dtype=torch.bool, device="cuda")
+    for a, n in zip(cu.tolist()[:-1], lengths):
+        sel[a + n - max(1, n // 10):a + n] = True
+    out, mass = K.attention(q, k, v, cu, max(lengths), score_rows=sel, config=cfg)
+    ref, ref_mass = K.attention_reference(q, k, v, cu, max(lengths), score_rows=sel, out_dtype=torch.float32)
+    assert rel_err(out, ref) < TOL
+    assert rel_err(mass, ref_mass) < TOL
+    # scoring only adds a store to the attention kernel: the output is the same (allowing for compiled code that
+    # differs in instruction order, a few bf16 ulps at most)
+    assert rel_err(K.attention(q, k, v, cu, max(lengths), config=cfg), out) < 1e-4

@@ -206,6 +206,76 @@ def test_attention_key_mass(causal, gen):
         assert abs(mass[a:b].sum().item() - expected) < 1e-5
 
 
+def _check_key_mass(mass, ref_mass, sel, cu, tol):
+    assert mass.dtype == torch.float32 and mass.shape == sel.shape
+    assert rel_err(mass, ref_mass) < tol
+    bounds = cu.tolist()
+    for a, b in zip(bounds[:-1], bounds[1:]):  # a sequence with selected rows spreads a mass of 1 over its keys
+        expected = 1.0 if sel[a:b].any() else 0.0
+        assert abs(mass[a:b].sum().item() - expected) < 1e-4
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_key_mass_long_sequences_in_several_row_groups(causal, gen):
+    # 769 keys: 25 row tiles of 32 (the interpreter's scoring tiles), several selection groups of the scoring kernel;
+    # the selected rows end each sequence (the model's text rows), one sequence has none
+    lengths = [769, 83, 150]
+    q, k, v, cu = packed(lengths, torch.float32, gen, heads=1, dim=16)
+    sel = torch.zeros(sum(lengths), dtype=torch.bool, device=DEVICE)
+    sel[769 - 40:769] = True  # the last 40 rows of the first sequence: the end of tile 23 and tile 24
+    sel[769 + 83 + 150 - 1] = True  # the very last row of the third sequence
+    sel[5] = True  # and one early row, alone in its tile
+    cfg = "attn:bm32.bn64.w4.s1"
+    out, mass = K.attention(q, k, v, cu, max(lengths), causal=causal, score_rows=sel, config=cfg)
+    ref, ref_mass = K.attention_reference(q, k, v, cu, max(lengths), causal=causal, score_rows=sel,
+                                          out_dtype=torch.float32)
+    assert rel_err(out, ref) < TOL[torch.float32]
+    _check_key_mass(mass, ref_mass, sel, cu, 1e-5)
+    assert (mass[769:769 + 83] == 0).all()
+    if causal:  # the last row of the third sequence sees all of its keys; no row of it sees past itself
+        assert (mass[769 + 83:] > 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_scoring_leaves_the_output_unchanged(dtype, gen):
+    q, k, v, cu = packed(RAGGED, dtype, gen)
+    sel = torch.zeros(sum(RAGGED), dtype=torch.bool, device=DEVICE)
+    sel[::5] = True
+    plain = K.attention(q, k, v, cu, max(RAGGED))
+    out, _ = K.attention(q, k, v, cu, max(RAGGED), score_rows=sel)
+    assert torch.equal(out, plain)
+
+
+@pytest.mark.parametrize("online", [False, True])
+def test_attention_key_mass_of_fallback_rows(online, gen):
+    # logits ~ +-200: every unified row overflows and is redone online; the key mass must use the
+    # online pass's log-sum-exp (overflow would give inf or 0 mass)
+    q, k, v, cu = packed(RAGGED, torch.float32, gen, scale=35.0)
+    sel = torch.zeros(sum(RAGGED), dtype=torch.bool, device=DEVICE)
+    sel[40:83] = True
+    sel[84:] = True
+    stats = {}
+    with warnings.catch_warnings():  # the interpreter's numpy warns about the discarded overflowing pass
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out, mass = K.attention(q, k, v, cu, max(RAGGED), score_rows=sel, stats=stats, online=online)
+    ref, ref_mass = K.attention_reference(q, k, v, cu, max(RAGGED), score_rows=sel, out_dtype=torch.float32)
+    assert online or stats["fallback_rows"].item() > 0
+    assert torch.isfinite(mass).all()
+    assert rel_err(out, ref) < TOL[torch.float32]
+    # near one-hot softmax rows: the key mass is a sum of p = exp(s - lse) with |s| ~ 200, an fp32
+    # rounding of s of ~1e-5 relative moves p by ~1e-3 relative
+    _check_key_mass(mass, ref_mass, sel, cu, 1e-3)
+
+
+def test_attention_key_mass_fp16(gen):
+    q, k, v, cu = packed(RAGGED, torch.float16, gen)
+    sel = torch.rand(sum(RAGGED), generator=gen).to(DEVICE) < 0.3
+    _, mass = K.attention(q, k, v, cu, max(RAGGED), causal=True, score_rows=sel)
+    _, ref_mass = K.attention_reference(q, k, v, cu, max(RAGGED), causal=True, score_rows=sel,
+                                        out_dtype=torch.float32)
+    _check_key_mass(mass, ref_mass, sel, cu, TOL[torch.float16])
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("case", ["overflow", "underflow"])
@@ -251,3 +321,27 @@ def test_attention_argument_checks(gen):
         K.attention(q, k[:4], v, cu, 5)
     with pytest.raises(ValueError, match="lo < hi"):
         K.attention(q, k, v, cu, 5, safe_range=(1.0, -1.0))
+
+
+# ---------------------------------------------------------------- tuner: choice of the attention tiles
+
+def _prof_row(length, b1, ragged, sdpa_b1, sdpa_ragged):
+    batch = lambda t, s: {"lengths": [], "times_us": t, "errors": {}, "sdpa": s}  # noqa: E731
+    return {"L": length, "batches": {"b1": batch(b1, sdpa_b1), "ragged8": batch(ragged, sdpa_ragged)}}
+
+
+def test_tuner_picks_the_attention_config_with_the_smallest_worst_ratio():
+    from vla_accel.kernels.tune import attention_choice, attention_rules
+    a, b, c = "attn:bm32.bn64.w4.s3", "attn:bm64.bn64.w4.s3", "attn:bm64.bn32.w4.s3"
+    # a is fastest on batch 1 (10 vs 12 us; SDPA 11) but 1.25x SDPA on the ragged batch; b is 1.09x / 0.92x
+    row_128 = _prof_row(128, {a: 10.0, b: 12.0}, {a: 150.0, b: 110.0}, ("sdpa_flash", 11.0), ("sdpa_nested", 120.0))
+    assert attention_choice(row_128) == b
+    # without SDPA times the reference is each shape's fastest config: a 1.36x on ragged, c 1.2x on b1
+    row_256 = _prof_row(256, {a: 10.0, c: 12.0}, {a: 150.0, c: 110.0}, None, None)
+    assert attention_choice(row_256) == c
+    # a config missing on one shape (it failed there) cannot be chosen, however fast elsewhere
+    row_384 = _prof_row(384, {a: 1.0, b: 20.0}, {b: 100.0}, ("sdpa_flash", 20.0), ("sdpa_nested", 100.0))
+    assert attention_choice(row_384) == b
+    # rows of the batch-1-only format still give their fastest config; equal neighbours are merged
+    row_512 = {"L": 512, "times_us": {a: 30.0, b: 25.0}}
+    assert attention_rules([row_512, row_256, row_128, row_384]) == [(128, b), (256, c), (512, b)]
