@@ -151,6 +151,9 @@ class Policy:
         if tuple(proprio.shape) != (B, self.cfg.proprio_dim):
             raise ValueError(f"proprio must have shape {(B, self.cfg.proprio_dim)}, got {tuple(proprio.shape)}")
         dev, dtype = self.device, self.dtype
+        if dev.type == "cuda" and pixel_values.device.type == "cpu":
+            # cast on the host (half the bytes), then an asynchronous copy from pinned memory
+            pixel_values = pixel_values.to(dtype).pin_memory().to(dev, non_blocking=True)
         return self.executor(ids.to(dev), pixel_values.to(dev, dtype), proprio.to(dev, dtype),
                              prompt_lens=lens.to(dev), hook=hook)
 
