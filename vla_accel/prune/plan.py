@@ -12,8 +12,13 @@ Every decision is a plain tensor, per sample, so another executor can apply the 
     plan.kept_positions[i]   long [B, S_i] (device): original positions of the tokens entering layer i (for i
                              after a prune; padding where plan.kept_mask[i] is False; kept_mask None = no padding)
 The decisions are made on the host from [B, 512] tensors: per forward the device sees one copy of the key
-mass per score layer back to the host (the plan's only syncs) and, per prune, one pinned, non-blocking index
-copy and a gather. The plan relies on the layout every executor keeps: per sample
+mass per score layer back to the host (the plan's only device -> host reads, all through `_read`; counted in
+`plan.host_reads`) and, per prune, one pinned, non-blocking index copy and a gather. Token counts (visual
+tokens present per sample, hence every dynamic keep count min(n, max(min_visual, floor(keep_ratio * n)))) live
+on the host and never need the device. A score layer that only feeds the importance (not a static layer) is
+read without blocking on CUDA (pinned buffer + event) and folded in when the importance is next needed (the
+next dynamic cut, score layer or summary): the host waits there, after it has queued the layers in between,
+so the device does not idle while the host updates the importance (SpecPrune 7B: layer 12, needed after 15). The plan relies on the layout every executor keeps: per sample
 [BOS] [the visual tokens still present, ascending] [proprio, prompt, placeholders, stop] [padding].
 Non-visual tokens (BOS, proprio, prompt, placeholders, stop) are never dropped; kept tokens keep their
 original positions (RoPE index) and their order, so `OpenVLAOFT.action_window` still finds the actions.
@@ -34,7 +39,8 @@ from . import dynamic as dyn
 from .config import DynamicConfig, LayerSchedule, StaticConfig
 from .flops import backbone_flops
 from .scores import query_window, window_rows
-from .static import CHANGED, GLOBAL, LOCAL, changed_with_cap, rule_codes, static_keep, topk_per_camera
+from .static import (CHANGED, GLOBAL, LOCAL, changed_with_cap, order_and_ranks, rule_codes, static_keep,
+                     topk_per_camera)
 
 
 @dataclass
@@ -100,7 +106,8 @@ class PrunePlan:
         # per-forward state and records (host)
         L = dims.num_layers
         self.present_vis = torch.ones(B, n_vis, dtype=torch.bool)  # visual slots still in the sequence
-        self.importance = torch.zeros(B, n_vis)
+        self.n_present = torch.full((B,), n_vis, dtype=torch.long)  # = present_vis.sum(1), kept on the host
+        self._importance = torch.zeros(B, n_vis)
         self.local_union = torch.zeros(B, n_vis, dtype=torch.bool)
         self.rules = torch.zeros(B, n_vis, dtype=torch.uint8)
         self.dropped_after = torch.full((B, n_vis), -1, dtype=torch.long)
@@ -108,25 +115,59 @@ class PrunePlan:
         self.keep_visual: dict[int, torch.Tensor] = {}
         self.kept_positions: dict[int, torch.Tensor] = {}  # (on the executor's device)
         self.kept_mask: dict[int, torch.Tensor | None] = {}
-        self.visual_scores: dict[int, torch.Tensor] = {}  # layer -> [B, n_vis] fp32 (-inf = absent)
-        self._tokens: list[torch.Tensor | None] = [None] * L  # [B] tokens entering layer i
-        self._visual: list[torch.Tensor | None] = [None] * L  # [B, C] visual tokens per camera entering layer i
+        self._visual_scores: dict[int, torch.Tensor] = {}  # layer -> [B, n_vis] fp32 (-inf = absent)
+        self._present_at: list[torch.Tensor | None] = [None] * L  # present_vis entering layer i (summary)
         self._rows: list[torch.Tensor | None] = [None] * L  # [B] score rows used at layer i
+        self._pending = None  # an importance-only score layer read but not folded in yet
+        self.host_reads = 0  # device -> host reads (syncs on CUDA) this forward
+
+    # ------------------------------------------------------------------ host reads (the plan's only syncs)
+    def _read(self, x: torch.Tensor, wait: bool = True):
+        """The plan's one device -> host path. wait: -> a host copy of x. Else on CUDA -> (pinned copy, event)
+        whose copy is complete once the event is; elsewhere the same as wait."""
+        self.host_reads += 1
+        if wait:
+            return x.cpu()
+        if x.device.type != "cuda":  # a copy: the executor may reuse x's memory before the plan reads it
+            return x.cpu().clone(), None
+        buf = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+        buf.copy_(x, non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(x.device))
+        return buf, ev
+
+    def _flush(self):
+        """Folds a pending importance-only score layer into the importance (waits for its copy)."""
+        if self._pending is None:
+            return
+        i, mass, ev, pres, n_present = self._pending
+        self._pending = None
+        if ev is not None:
+            ev.synchronize()
+        scores = self._scores(mass, pres, n_present)
+        self._visual_scores[i] = scores
+        self._update_importance(i, scores, pres, order_and_ranks(scores, self.dims.num_images)[1])
+
+    @property
+    def importance(self) -> torch.Tensor:
+        self._flush()
+        return self._importance
+
+    @property
+    def visual_scores(self) -> dict[int, torch.Tensor]:
+        self._flush()
+        return self._visual_scores
 
     # ------------------------------------------------------------------ hook protocol
     def before_layer(self, i, h, positions, key_mask):
         prev = i - 1
         if prev in self.dynamic_layers:
             self.keep_visual[prev] = dyn.dynamic_keep(self.importance, self.present_vis, self.dynamic.keep_ratio,
-                                                      self.dynamic.min_visual)
+                                                      self.dynamic.min_visual, self.n_present)
         if prev in self.prune_layers:
             h, positions, key_mask = self._apply(prev, h, positions, key_mask)
             self.kept_positions[i], self.kept_mask[i] = positions, key_mask
-        if i == 0 or prev in self.prune_layers:
-            self._visual[i] = self.present_vis.view(self.B, self.dims.num_images, -1).sum(2)
-            self._tokens[i] = 1 + self.present_vis.sum(1) + self.nv_count
-        else:
-            self._visual[i], self._tokens[i] = self._visual[i - 1], self._tokens[i - 1]
+        self._present_at[i] = self.present_vis  # never modified in place: _apply replaces it
         return h, positions, key_mask
 
     def score_rows(self, i, positions, key_mask):
@@ -136,48 +177,62 @@ class PrunePlan:
             start, count, R = torch.full_like(self.q_lo, self.dims.n_vis + 1), self.nv_count, self.r_nonvis
         else:
             return None
-        start = start - (self.dims.n_vis - self.present_vis.sum(1))  # minus the visual tokens dropped so far
+        start = start - (self.dims.n_vis - self.n_present)  # minus the visual tokens dropped so far
         self._rows[i] = count
         idx, valid = window_rows(start, count, R)
         return to_device(idx, positions.device), to_device(valid, positions.device)
 
     def on_scores(self, i, key_mass, positions, key_mask):
-        n_vis, C = self.dims.n_vis, self.dims.num_images
-        mass = key_mass.float().cpu()  # [B, S]: the visual tokens sit at 1 .. n_present, ascending slots
-        n_present = self.present_vis.sum(1)
-        R = int(n_present.max())
-        valid = torch.arange(R)[None] < n_present[:, None]
-        scores = torch.full((self.B, n_vis), float("-inf"))
-        scores[self.present_vis] = mass[:, 1:1 + R][valid]
-        self.visual_scores[i] = scores
+        self._flush()  # an earlier importance layer first: the EMA runs in layer order
+        pres, n_present = self.present_vis, self.n_present
+        if i not in self.static_layers:  # importance only: nothing needs it before the next dynamic cut
+            self._pending = (i, *self._read(key_mass, wait=False), pres, n_present)
+            return
+        scores = self._scores(self._read(key_mass), pres, n_present)
+        self._visual_scores[i] = scores
+        order, ranks = order_and_ranks(scores, self.dims.num_images)  # one sort for every rule at this layer
         if i in self.importance_layers:
-            d = self.dynamic
-            w = dyn.layer_weight(i, self.dims.num_layers, d.depth_sharpness)
-            self.importance = dyn.update_importance(self.importance, scores, self.present_vis, C, alpha=d.ema_alpha,
-                                                    weight=w, w_max=d.rank_weight_max, w_min=d.rank_weight_min)
-        if i in self.static_layers:
-            self._static_stage(i, scores, self.present_vis)
+            self._update_importance(i, scores, pres, ranks)
+        self._static_stage(i, scores, pres, order, ranks)
 
     # ------------------------------------------------------------------ decisions
-    def _static_stage(self, i, scores, pres):
+    def _scores(self, mass, pres, n_present):
+        """key mass [B, S] (host) -> visual scores [B, n_vis] fp32 by slot (-inf = absent). The visual tokens sit
+        at 1 .. n_present, ascending slots."""
+        mass = mass.float()
+        R = int(n_present.max())
+        valid = torch.arange(R)[None] < n_present[:, None]
+        scores = torch.full((self.B, self.dims.n_vis), float("-inf"))
+        scores[pres] = mass[:, 1:1 + R][valid]
+        return scores
+
+    def _update_importance(self, i, scores, pres, ranks):
+        """ranks: per camera, of scores (which are -inf where absent, i.e. of where(pres, scores, -inf))."""
+        d = self.dynamic
+        w = dyn.layer_weight(i, self.dims.num_layers, d.depth_sharpness)
+        self._importance = dyn.update_importance(self._importance, scores, pres, self.dims.num_images,
+                                                 alpha=d.ema_alpha, weight=w, w_max=d.rank_weight_max,
+                                                 w_min=d.rank_weight_min, ranks=ranks)
+
+    def _static_stage(self, i, scores, pres, order, ranks):
         C = self.dims.num_images
         last = i == self.static_layers[-1]
-        top_k = topk_per_camera(scores, self.k_local, C)
+        top_k = topk_per_camera(scores, self.k_local, C, ranks)
         if last:
             self.local_union |= top_k
             local = self.local_union
         else:  # speculative stage: a wider candidate set now, refined at the next scoring layer
-            local = topk_per_camera(scores, self.k_local * self.static.first_factor, C) | self.local_union
+            local = topk_per_camera(scores, self.k_local * self.static.first_factor, C, ranks) | self.local_union
             self.local_union |= top_k
         if self.similarity is not None:
             self.changed = changed_with_cap(self.similarity, scores, self.static.changed.sim_threshold,
-                                            self.max_static, C)
+                                            self.max_static, C, order)
         keep = static_keep(pres, self.changed, self.global_prev, local)
         self.keep_visual[i] = keep
         if last:
             self.rules = torch.where(keep, rule_codes(self.changed, self.global_prev, local),
                                      torch.zeros_like(self.rules))
-            self.global_next = topk_per_camera(scores, self.global_k, C)
+            self.global_next = topk_per_camera(scores, self.global_k, C, ranks)
 
     def _apply(self, layer, h, positions, key_mask):
         """Drops the visual tokens not in keep_visual[layer] (one gather on the device); records their fate."""
@@ -186,15 +241,19 @@ class PrunePlan:
         if torch.equal(keep_vis, before):
             return h, positions, key_mask
         self.dropped_after.masked_fill_(before & ~keep_vis, layer)
-        self.present_vis = keep_vis
-        cur = before.long().cumsum(1)  # current index of each present visual slot (BOS is index 0)
-        n_before, counts = before.sum(1), 1 + keep_vis.sum(1) + self.nv_count
+        n_before, n_kept = self.n_present, keep_vis.sum(1)
+        self.present_vis, self.n_present = keep_vis, n_kept
+        counts = 1 + n_kept + self.nv_count
         B, S_new = self.B, int(counts.max())
-        order = torch.zeros(B, S_new, dtype=torch.long)  # [B, S']: current index of every kept token, in order
-        for b in range(B):
-            nv = torch.arange(1 + int(n_before[b]), 1 + int(n_before[b]) + int(self.nv_count[b]))
-            row = torch.cat([torch.zeros(1, dtype=torch.long), cur[b][keep_vis[b]], nv])
-            order[b, :row.shape[0]] = row
+        # [B, S']: current index of every kept token, in order: BOS (0), the kept visual tokens, the non-visual
+        # tokens (they follow the n_before visual tokens present now), then padding (0)
+        j = torch.arange(S_new)[None]
+        k = n_kept[:, None]
+        tail = (j > k) & (j <= k + self.nv_count[:, None])
+        order = torch.where(tail, j - k + n_before[:, None], torch.zeros((), dtype=torch.long))
+        cur = before.long().cumsum(1)  # current index of each present visual slot (BOS is index 0)
+        rows = torch.arange(B)[:, None].expand_as(keep_vis)[keep_vis]
+        order[rows, keep_vis.long().cumsum(1)[keep_vis]] = cur[keep_vis]  # the i-th kept slot goes to index i
         order = to_device(order, h.device)
         h = torch.gather(h, 1, order[..., None].expand(B, S_new, h.shape[2]))
         positions = torch.gather(positions, 1, order)
@@ -206,10 +265,12 @@ class PrunePlan:
     def summary(self) -> list[dict[str, Any]]:
         """Per sample: token counts per layer and camera, rules, fates, FLOPs (python / numpy values)."""
         L, D, C = self.dims.num_layers, self.dims.hidden, self.dims.num_images
-        if any(t is None for t in self._tokens):
+        if any(p is None for p in self._present_at):
             raise RuntimeError("summary() before the forward pass went through every layer")
-        tokens = torch.stack(self._tokens, 1).numpy()  # [B, L]
-        visual = torch.stack(self._visual, 1).numpy()  # [B, L, C]
+        self._flush()
+        visual_t = torch.stack(self._present_at, 1).view(self.B, L, C, -1).sum(3)  # [B, L, C]
+        tokens = (1 + visual_t.sum(2) + self.nv_count[:, None]).numpy()  # [B, L]
+        visual = visual_t.numpy()
         zero = torch.zeros(self.B, dtype=torch.long)
         rows = torch.stack([r if r is not None else zero for r in self._rows], 1).numpy()  # [B, L]
         rules, dropped, global_next = self.rules.numpy(), self.dropped_after.numpy(), self.global_next.numpy()
