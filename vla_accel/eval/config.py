@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 
 class ConfigError(ValueError):
@@ -117,6 +118,8 @@ class EvalConfig:
     retry_errors: bool = False           # with resume: run again the episodes recorded with an error
     progress: bool = True                # tqdm progress bars
     pin_gpu_by_job: bool = True          # under submitit_local with several visible GPUs: job k keeps only GPU (k mod #GPUs)
+    render_threads: int | None = None    # Mesa llvmpipe (CPU EGL) threads per simulator (LP_NUM_THREADS); null: Mesa's default; GPU EGL ignores it
+    max_consecutive_errors: int = 10     # stop the run after this many episodes in a row end with an error (0: never)
     step_timeout_s: float = 900.0        # a simulator worker silent this long is treated as crashed
     worker_context: str = "spawn"        # multiprocessing start method of the simulator workers: spawn | forkserver
 
@@ -146,6 +149,9 @@ class EvalConfig:
                               f"{self.num_shards}); got {self.shard}")
         _check_int("eval.video_fps", self.video_fps, 1)
         _check_int("eval.warmup_chunks", self.warmup_chunks, 0)
+        _check_int("eval.max_consecutive_errors", self.max_consecutive_errors, 0)
+        if self.render_threads is not None:
+            _check_int("eval.render_threads", self.render_threads, 1)
         if not (isinstance(self.step_timeout_s, (int, float)) and self.step_timeout_s > 0):
             raise ConfigError(f"eval.step_timeout_s must be a positive number; got {self.step_timeout_s!r}")
         if self.worker_context not in ("spawn", "forkserver"):
@@ -182,7 +188,11 @@ def fingerprint(fields: dict[str, Any]) -> str:
 def _group(cfg: DictConfig, name: str) -> dict[str, Any]:
     if name not in cfg or cfg[name] is None:
         raise ConfigError(f"the config has no '{name}' group; pick one, e.g. {name}=<choice>")
-    value = OmegaConf.to_container(cfg[name], resolve=True)
+    try:
+        value = OmegaConf.to_container(cfg[name], resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as err:
+        raise ConfigError(f"{name}.{err.key} must be set on the command line ({name}.{err.key}=...); "
+                          f"the chosen {name} config has no default for it") from None
     if not isinstance(value, dict):
         raise ConfigError(f"config group '{name}' must be a mapping, got {value!r}")
     return value
