@@ -30,7 +30,7 @@ from vla_accel.eval.shard import EpisodeKey, build_selection, shard_selection
 log = logging.getLogger("vla_accel.eval")
 
 RANDOM_WEIGHTS_NOTE = ("NOTE: the policy has RANDOM weights (policy=random_tiny, no download): the success "
-                       "rates below say nothing about OpenVLA-OFT. For real numbers: policy=checkpoint "
+                       "rates of this run say nothing about OpenVLA-OFT. For real numbers: policy=checkpoint "
                        "policy.checkpoint=<dir or hub id> eval=full")
 
 
