@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from vla_accel._config import build_dataclass
+
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
@@ -28,13 +30,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 def _build(cls: type, group: str, values: Mapping[str, Any] | None):
     """Dataclass from a mapping; unknown keys fail with the list of known ones."""
-    values = dict(values or {})
-    known = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise ConfigError(f"unknown setting(s) {', '.join(f'{group}.{k}' for k in unknown)}; "
-                          f"known {group} settings: {', '.join(known)}")
-    return cls(**values)
+    return build_dataclass(cls, group, values, ConfigError)
 
 
 def _check_int(name: str, value: Any, minimum: int | None = None) -> None:

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import PruneConfigError, SpecPruneConfig, _to_plain
+from .._config import to_plain
+from .config import PruneConfigError, SpecPruneConfig
 from .controller import ActionController
 from .plan import Dims, PrunePlan
 from .wrapper import SpecPrune
@@ -21,7 +22,7 @@ from .wrapper import SpecPrune
 
 def make_actor(policy, prune_cfg: Any):
     """The actor for `prune_cfg` (dict or omegaconf node of configs/prune/<name>.yaml)."""
-    values = _to_plain(prune_cfg)
+    values = to_plain(prune_cfg)
     if isinstance(values, SpecPruneConfig):
         return SpecPrune(policy, values)
     if not isinstance(values, dict) or not isinstance(values.get("name"), str):

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from vla_accel._config import build_dataclass, to_plain
+
 
 class PruneConfigError(ValueError):
     """A pruning setting has a value that is not allowed; the message names it and what is allowed."""
@@ -35,23 +37,8 @@ def yaml_path(name: str) -> Path:
     return Path(__file__).resolve().parents[2] / "configs" / "prune" / f"{name}.yaml"
 
 
-def _to_plain(values: Any) -> Any:
-    """omegaconf nodes -> plain python containers (dicts / lists) without importing omegaconf eagerly."""
-    if hasattr(values, "_metadata"):  # an omegaconf DictConfig / ListConfig
-        from omegaconf import OmegaConf
-
-        return OmegaConf.to_container(values, resolve=True)
-    return values
-
-
 def _build(cls: type, group: str, values: Mapping[str, Any] | None):
-    values = dict(values or {})
-    known = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise PruneConfigError(f"unknown setting(s) {', '.join(f'{group}.{k}' for k in unknown)}; "
-                               f"known {group} settings: {', '.join(known)}")
-    return cls(**values)
+    return build_dataclass(cls, group, values, PruneConfigError)
 
 
 def _ints(name: str, value: Any, length: int | None = None, minimum: int = 0) -> tuple[int, ...]:
@@ -102,8 +89,8 @@ class ChangedConfig:
     gap_fixed: int | None = None         # a fixed T instead of the adaptive rule (null: adaptive)
 
     def __post_init__(self) -> None:
-        self.max_static = _ints("static.changed.max_static", _to_plain(self.max_static), 2)
-        self.max_static_fine = _ints("static.changed.max_static_fine", _to_plain(self.max_static_fine), 2)
+        self.max_static = _ints("static.changed.max_static", to_plain(self.max_static), 2)
+        self.max_static_fine = _ints("static.changed.max_static_fine", to_plain(self.max_static_fine), 2)
         self.sim_threshold = _number("static.changed.sim_threshold", self.sim_threshold, -1.0, 1.0)
         _int("static.changed.gap_min", self.gap_min, 1)
         _int("static.changed.gap_max", self.gap_max, 1)
@@ -128,14 +115,14 @@ class StaticConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.changed, ChangedConfig):
-            self.changed = _build(ChangedConfig, "static.changed", _to_plain(self.changed))
-        self.layers = _ints("static.layers", _to_plain(self.layers))
+            self.changed = _build(ChangedConfig, "static.changed", to_plain(self.changed))
+        self.layers = _ints("static.layers", to_plain(self.layers))
         if self.enabled and not self.layers:
             raise PruneConfigError("static.layers must name at least one layer when static.enabled=true")
         _increasing("static.layers", self.layers)
-        self.topk = _ints("static.topk", _to_plain(self.topk), 2)
-        self.topk_fine = _ints("static.topk_fine", _to_plain(self.topk_fine), 2)
-        self.global_topk = _ints("static.global_topk", _to_plain(self.global_topk), 2)
+        self.topk = _ints("static.topk", to_plain(self.topk), 2)
+        self.topk_fine = _ints("static.topk_fine", to_plain(self.topk_fine), 2)
+        self.global_topk = _ints("static.global_topk", to_plain(self.global_topk), 2)
         _int("static.first_factor", self.first_factor, 1)
         _int("static.query_skip", self.query_skip, 0)
 
@@ -155,8 +142,8 @@ class DynamicConfig:
     depth_sharpness: float = 10.0        # layer weight sigmoid(depth_sharpness * (num_layers - layer)); ~1 for every layer at 10
 
     def __post_init__(self) -> None:
-        self.layers = _ints("dynamic.layers", _to_plain(self.layers))
-        self.score_layers = _ints("dynamic.score_layers", _to_plain(self.score_layers))
+        self.layers = _ints("dynamic.layers", to_plain(self.layers))
+        self.score_layers = _ints("dynamic.score_layers", to_plain(self.score_layers))
         _increasing("dynamic.layers", self.layers)
         _increasing("dynamic.score_layers", self.score_layers)
         if self.enabled and (not self.layers or not self.score_layers):
@@ -216,13 +203,13 @@ class SpecPruneConfig:
         if not isinstance(self.name, str) or not self.name:
             raise PruneConfigError(f"name must be a non-empty string, got {self.name!r}")
         if not isinstance(self.static, StaticConfig):
-            self.static = _build(StaticConfig, "static", _to_plain(self.static))
+            self.static = _build(StaticConfig, "static", to_plain(self.static))
         if not isinstance(self.dynamic, DynamicConfig):
-            self.dynamic = _build(DynamicConfig, "dynamic", _to_plain(self.dynamic))
+            self.dynamic = _build(DynamicConfig, "dynamic", to_plain(self.dynamic))
         if not isinstance(self.controller, ControllerConfig):
-            self.controller = _build(ControllerConfig, "controller", _to_plain(self.controller))
+            self.controller = _build(ControllerConfig, "controller", to_plain(self.controller))
         table = {}
-        for depth, lists in (_to_plain(self.layers_for_depth) or {}).items():
+        for depth, lists in (to_plain(self.layers_for_depth) or {}).items():
             try:
                 d = int(depth)
             except (TypeError, ValueError):
@@ -237,7 +224,7 @@ class SpecPruneConfig:
     @staticmethod
     def from_dict(values: Any) -> "SpecPruneConfig":
         """From a YAML mapping (dict or omegaconf node); unknown keys fail with the list of known ones."""
-        values = _to_plain(values)
+        values = to_plain(values)
         if isinstance(values, SpecPruneConfig):
             return values
         if not isinstance(values, Mapping):

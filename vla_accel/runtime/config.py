@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from vla_accel._config import build_dataclass, to_plain
+
 NAMES = ("reference", "accel")
 GEMMS = ("auto", "kernels", "torch")
 ATTENTIONS = ("auto", "kernels", "flash", "sdpa")
@@ -24,14 +26,6 @@ DEFAULT_BUCKET_STEPS = ((1024, 16), (2048, 32), (4096, 64), (8192, 128))
 
 class RuntimeConfigError(ValueError):
     """A runtime setting has a value that is not allowed; the message names it and what is allowed."""
-
-
-def _plain(values: Any) -> Any:
-    if hasattr(values, "_metadata"):  # omegaconf node, without importing omegaconf eagerly
-        from omegaconf import OmegaConf
-
-        return OmegaConf.to_container(values, resolve=True)
-    return values
 
 
 def _choice(name: str, value: Any, allowed: tuple) -> None:
@@ -77,8 +71,8 @@ class RuntimeConfig:
                      "profile"):
             if not isinstance(getattr(self, name), bool):
                 raise RuntimeConfigError(f"runtime.{name} must be true or false; got {getattr(self, name)!r}")
-        self.batch_sizes = _int_list("batch_sizes", _plain(self.batch_sizes))
-        steps = _plain(self.bucket_steps)
+        self.batch_sizes = _int_list("batch_sizes", to_plain(self.batch_sizes))
+        steps = to_plain(self.bucket_steps)
         ok = isinstance(steps, (list, tuple)) and steps and all(
             isinstance(s, (list, tuple)) and len(s) == 2 and all(isinstance(v, int) and v > 0 for v in s)
             for s in steps)
@@ -98,13 +92,7 @@ class RuntimeConfig:
 
     @staticmethod
     def from_dict(values: Any) -> "RuntimeConfig":
-        values = dict(_plain(values) or {})
-        known = [f.name for f in dataclasses.fields(RuntimeConfig)]
-        unknown = sorted(set(values) - set(known))
-        if unknown:
-            raise RuntimeConfigError(f"unknown setting(s) {', '.join('runtime.' + k for k in unknown)}; "
-                                     f"known runtime settings: {', '.join(known)}")
-        return RuntimeConfig(**values)
+        return build_dataclass(RuntimeConfig, "runtime", values, RuntimeConfigError)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
