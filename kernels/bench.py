@@ -33,9 +33,9 @@ from .reference import attention_reference, gate_up_silu_reference, linear_refer
 from .tune import (M_GRID, LinearShape, ShapeBuffers, attention_batches, compile_signature, environment,
                    llm_dims_from_preset, model_linear_shapes, packed_qkv, precompile, rel_err, sdpa_baselines,
                    time_graph_us)
+# The floor rule and its rates (H100, docs/flashdecoding-pp.md) live in one place: the runtime's roofline.
+from vla_accel.runtime.roofline import COPY_BW as PEAK_BW, MATMUL_RATE as PEAK_FLOPS, floor_ms
 
-PEAK_BW = 2.96e12  # B/s, device copy (read + write) measured on the H100 (docs/flashdecoding-pp.md)
-PEAK_FLOPS = 750e12  # FLOP/s, dense bf16 matmul, same source
 ATTN_L = [64, 128, 256, 384, 512, 640]
 
 
@@ -58,7 +58,8 @@ def measure_ceilings() -> dict:
 
 
 def floor_us(n: int, k: int, m: int, bw: float = PEAK_BW, flops: float = PEAK_FLOPS) -> float:
-    return max(n * k * 2 / bw, 2 * m * n * k / flops) * 1e6
+    # bf16 weights [n, k] read once; 2 m n k FLOPs
+    return 1e3 * floor_ms(n * k * 2, 2 * m * n * k, bw, flops)
 
 
 # ---------------------------------------------------------------- GEMM

@@ -15,14 +15,10 @@ import json
 import torch
 import torch.nn.functional as F
 
-from .roofline import COPY_BW, MATMUL_RATE
+from .roofline import floor_ms
 
 SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}
 TOKENS = [16, 64, 160, 208, 304, 608, 1600, 4864]
-
-
-def floor_us(nbytes, flops):
-    return max(nbytes / COPY_BW, flops / MATMUL_RATE) * 1e6
 
 
 def bench(fn):
@@ -50,7 +46,7 @@ def main(argv=None):
         for M in TOKENS:
             x = torch.randn(M, Kd, device=dev, generator=g).bfloat16()
             fl, nb = 2 * M * N * Kd, 2 * (N * Kd + M * Kd + M * N)
-            r = {"op": f"linear:{name}", "N": N, "K": Kd, "M": M, "floor_us": floor_us(nb, fl)}
+            r = {"op": f"linear:{name}", "N": N, "K": Kd, "M": M, "floor_us": 1e3 * floor_ms(nb, fl)}
             r["cublas_us"] = bench(lambda: F.linear(x, w))
             if K is not None:
                 r["dispatch_impl"] = K.choose(table, (N, Kd), M)
@@ -63,7 +59,7 @@ def main(argv=None):
         q, k, v = (torch.randn(T, 32, 128, device=dev, generator=g).bfloat16() for _ in range(3))
         cu = torch.tensor([0] + [sum(lens[:i + 1]) for i in range(len(lens))] + [T], dtype=torch.int32, device=dev)
         fl = sum(4 * n * n * 4096 for n in lens)
-        r = {"op": "attention", "M": T, "seqs": len(lens), "floor_us": floor_us(4 * T * 4096 * 2, fl)}
+        r = {"op": "attention", "M": T, "seqs": len(lens), "floor_us": 1e3 * floor_ms(4 * T * 4096 * 2, fl)}
         ops = Ops(RuntimeConfig(attention="flash"), dev, torch.bfloat16)
         r["flash_us"] = bench(lambda: ops.attention(q, k, v, cu, T))
         if K is not None:
@@ -73,7 +69,7 @@ def main(argv=None):
         T = 2 * S
         qkv = torch.randn(T, 3, H, d, device=dev, generator=g).bfloat16()
         cu = torch.tensor([0, S, T], dtype=torch.int32, device=dev)
-        r = {"op": f"vision_attention:d{d}", "M": T, "floor_us": floor_us(3 * T * H * d * 2, 2 * 4 * S * S * H * d)}
+        r = {"op": f"vision_attention:d{d}", "M": T, "floor_us": 1e3 * floor_ms(3 * T * H * d * 2, 2 * 4 * S * S * H * d)}
         ops = Ops(RuntimeConfig(attention="flash"), dev, torch.bfloat16)
         r["flash_us"] = bench(lambda: ops.attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu, S))
         r["sdpa_dense_us"] = bench(lambda: ops.attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu, S, backend="sdpa_dense"))
@@ -94,7 +90,7 @@ def main(argv=None):
                  lambda: wn * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)).bfloat16()),
                 ("rope_split", lambda: ops.rope(qkv, pos, cos, sin, 32), 2 * T * 4096 * 4, None),
                 ("silu_mul", lambda: ops.silu_mul(gu), 2 * T * 11008 * 3, lambda: F.silu(gu[:, :11008]) * gu[:, 11008:])):
-            r = {"op": name, "M": T, "floor_us": floor_us(nb, 0), "triton_us": bench(fn)}
+            r = {"op": name, "M": T, "floor_us": 1e3 * floor_ms(nb, 0), "triton_us": bench(fn)}
             if ref is not None:
                 r["torch_us"] = bench(ref)
             rows.append(r)
