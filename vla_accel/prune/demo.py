@@ -64,18 +64,11 @@ def synthetic_trace(steps: int = 24, size: int = 256, seed: int = 0) -> dict:
 
 
 def write_trace(path, trace: dict) -> Path:
-    try:
-        from vla_accel.envs.trace import save_trace
-    except ImportError:
-        save_trace = None
+    from vla_accel.envs.trace import save_trace
+
     frames = [{k: trace[k][t] for k in ("full_image", "wrist_image", "state", "action")}
               for t in range(len(trace["action"]))]
-    if save_trace is not None:
-        return save_trace(path, frames, trace["instruction"], meta={"source": "synthetic"})
-    path = Path(path)
-    np.savez_compressed(path, **{k: trace[k] for k in ("full_image", "wrist_image", "state", "action")},
-                        instruction=np.array(trace["instruction"]), meta=np.array("{}"))
-    return path
+    return save_trace(path, frames, trace["instruction"], meta={"source": "synthetic"})
 
 
 def prune_config(name_or_path: str) -> SpecPruneConfig:

@@ -16,23 +16,11 @@ Traces stay out of git (*.npz is ignored); the GPU run receives it through `carr
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import os
 import time
 from pathlib import Path
 
 import numpy as np
-
-
-def quat2axisangle(quat: np.ndarray) -> np.ndarray:
-    """robosuite's convention: quat = (x, y, z, w) -> axis * angle."""
-    q = np.asarray(quat, dtype=np.float64).copy()
-    q[3] = np.clip(q[3], -1.0, 1.0)
-    den = np.sqrt(1.0 - q[3] * q[3])
-    if np.isclose(den, 0.0):
-        return np.zeros(3)
-    return (q[:3] * 2.0 * np.arccos(q[3])) / den
 
 
 def scripted_action(t: int) -> np.ndarray:
@@ -46,59 +34,28 @@ def scripted_action(t: int) -> np.ndarray:
     return a
 
 
-def _obs_to_frame(obs: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    full = np.ascontiguousarray(obs["agentview_image"][::-1, ::-1])
-    wrist = np.ascontiguousarray(obs["robot0_eye_in_hand_image"][::-1, ::-1])
-    state = np.concatenate([obs["robot0_eef_pos"], quat2axisangle(obs["robot0_eef_quat"]),
-                            obs["robot0_gripper_qpos"]]).astype(np.float32)
-    return full, wrist, state
-
-
 def record(out: str | os.PathLike, *, suite: str = "libero_spatial", task_id: int = 0, episode: int = 0,
            steps: int = 64, image_size: int = 256, assets_path: str | None = None, settle_steps: int = 10) -> Path:
-    from vla_accel.envs.libero_setup import configure_libero, import_libero_envs, make_benchmark
+    """Runs the scripted sweep in `vla_accel.envs.LiberoEnv` (init state, settle steps, upright frames, 8-D state)."""
+    from vla_accel.envs import LiberoEnv
+    from vla_accel.envs.trace import save_trace
 
-    configure_libero(assets_path)
-    envs = import_libero_envs()
-    from libero.libero import get_libero_path
-
-    bench = make_benchmark(suite)
-    task = bench.get_task(task_id)
-    bddl = os.path.join(get_libero_path("bddl_files"), task.problem_folder, task.bddl_file)
-    with contextlib.redirect_stdout(io.StringIO()):
-        env = envs.OffScreenRenderEnv(bddl_file_name=bddl, camera_heights=image_size, camera_widths=image_size)
-    env.seed(0)
-    env.reset()
-    obs = env.set_init_state(bench.get_task_init_states(task_id)[episode])
-    for _ in range(settle_steps):
-        obs, _, _, _ = env.step([0, 0, 0, 0, 0, 0, -1])
-    fulls, wrists, states, actions = [], [], [], []
+    env = LiberoEnv(suite=suite, task_id=task_id, image_size=image_size, assets_path=assets_path, seed=0,
+                    settle_steps=settle_steps, max_steps=max(steps, 1))
+    obs, info = env.reset(options={"episode": episode})
+    frames = []
     t0 = time.time()
     for t in range(steps):
-        f, w, s = _obs_to_frame(obs)
         a = scripted_action(t)
-        fulls.append(f), wrists.append(w), states.append(s), actions.append(a.astype(np.float32))
-        obs, _, done, _ = env.step(a.tolist())
+        frames.append({"full_image": obs["full_image"], "wrist_image": obs["wrist_image"], "state": obs["state"],
+                       "action": a.astype(np.float32)})
+        obs, _, _, _, _ = env.step(a)
     env.close()
     meta = {"suite": suite, "task_id": task_id, "episode": episode, "image_size": image_size, "upright": True,
             "settle_steps": settle_steps, "policy": "scripted sweep (vla_accel.runtime.record.scripted_action)"}
-    try:
-        from vla_accel.envs.trace import save_trace
-    except ImportError:  # the trace module not installed: the same layout by hand
-        save_trace = None
-    if save_trace is not None:
-        frames = [{"full_image": f, "wrist_image": w, "state": s, "action": a}
-                  for f, w, s, a in zip(fulls, wrists, states, actions)]
-        out = save_trace(out, frames, task.language, meta)
-    else:
-        import json
-
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(out, full_image=np.stack(fulls), wrist_image=np.stack(wrists),
-                            state=np.stack(states), action=np.stack(actions).astype(np.float64),
-                            instruction=np.array(task.language), meta=np.array(json.dumps(meta, sort_keys=True)))
-    print(f"recorded {steps} steps of {suite} task {task_id} ('{task.language}') in {time.time() - t0:.1f} s -> {out}")
+    out = save_trace(out, frames, info["instruction"], meta)
+    print(f"recorded {steps} steps of {suite} task {task_id} ('{info['instruction']}') in {time.time() - t0:.1f} s "
+          f"-> {out}")
     return out
 
 
