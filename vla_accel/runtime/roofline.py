@@ -15,6 +15,7 @@ other, so it is a floor too, and the tighter one.
 from __future__ import annotations
 
 from ..model.config import OFTConfig
+from ..prune.flops import layer_flops as backbone_layer_flops
 
 COPY_BW = 2.96e12  # B/s
 MATMUL_RATE = 750e12  # FLOP/s
@@ -59,8 +60,8 @@ def projector_flops(cfg: OFTConfig) -> float:
 
 
 def layer_flops(cfg: OFTConfig, tokens: int) -> float:
-    D, I = cfg.llm.hidden, cfg.llm.intermediate
-    return 2 * tokens * (4 * D * D + 3 * D * I) + 4 * tokens * tokens * D
+    # one backbone layer with `tokens` rows: the same analytic count as the pruning statistics
+    return float(backbone_layer_flops(tokens, cfg.llm.hidden, cfg.llm.intermediate))
 
 
 def head_flops(cfg: OFTConfig) -> float:
