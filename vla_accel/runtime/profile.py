@@ -1,0 +1,254 @@
+"""Where the accelerated forward's time goes, on a GPU: kernels, idle gaps, the pruning plan's host path.
+
+    python -m vla_accel.runtime.profile --trace .devcarry/libero_spatial_t0.npz --out DIR     # GPU only
+
+The 7B architecture with random bf16 weights (as `vla-accel-bench e2e`). Writes into DIR:
+  summary.json     per section: wall ms per call, GPU busy ms per call (union of kernel intervals), idle share
+  kernels_<s>.txt  per-kernel CUDA time of the profiled calls of section s (vision / c / d / d_replay)
+  host_d.txt       cProfile of the SpecPrune queries (d): the host functions by own time and cumulative time
+  ops.json         micro-timings (CUDA-graph replay) of the vision-tower ops and their alternatives
+Sections: vision (the graphed towers + projector), c (accel unpruned), d (accel + SpecPrune, one stream),
+d_replay (SpecPrune's token sets replayed by KeepPlan: the executor alone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import math
+import pstats
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _busy_ms(events) -> float:
+    """Union of the CUDA kernel intervals (ms)."""
+    iv = sorted((e.time_range.start, e.time_range.end) for e in events
+                if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start)
+    total, cur_s, cur_e = 0.0, None, None
+    for s, e in iv:
+        if cur_e is None or s > cur_e:
+            if cur_e is not None:
+                total += cur_e - cur_s
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    if cur_e is not None:
+        total += cur_e - cur_s
+    return total / 1e3  # us -> ms
+
+
+def profiled(name: str, fn, calls: int, out: Path, summary: dict, per_call: int = 1) -> None:
+    """Runs fn() `calls` times under the torch profiler (one synchronize per call): wall, busy, kernel table.
+    per_call: forwards one fn() call makes (busy and wall are reported per forward)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _sync()
+    walls = []
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            fn()
+            _sync()
+            walls.append((time.perf_counter() - t0) * 1e3 / per_call)
+    busy = _busy_ms(prof.events()) / (calls * per_call)
+    wall = float(np.median(walls))
+    avgs = prof.key_averages()
+    summary[name] = {"calls": calls, "wall_ms_median": wall, "wall_ms_mean": float(np.mean(walls)),
+                     "gpu_busy_ms_per_call": busy, "idle_share": 1 - busy / float(np.mean(walls))}
+    key = "self_cpu_time_total"
+    if torch.cuda.is_available():
+        key = "device_time_total" if avgs and hasattr(avgs[0], "device_time_total") else "cuda_time_total"
+    table = avgs.table(sort_by=key, row_limit=60, max_name_column_width=90)
+    (out / f"kernels_{name}.txt").write_text(table)
+    print(f"[{name}] wall {wall:.2f} ms, GPU busy {busy:.2f} ms per call", flush=True)
+
+
+def graph_time_us(fn, reps: int = 20) -> float:
+    """fn() captured `reps` times in one CUDA graph; median of 10 replays / reps (us)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    ts = []
+    for _ in range(10):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b) * 1e3 / reps)
+    return float(np.median(ts))
+
+
+def vision_ops(runner) -> dict:
+    """Per-op timings of one block of each tower at the policy's shapes (B = 1: 2 images), with alternatives."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    res = {}
+    m, ops = runner.model, runner.ops
+    for tag, vit in (("dino", m.vision_backbone.featurizer), ("siglip", m.vision_backbone.fused_featurizer)):
+        c = vit.cfg
+        blk = vit.blocks[0]
+        S = c.num_patches + (1 if c.class_token else 0) + c.num_registers
+        N, w, H = 2, c.width, c.heads
+        d = w // H
+        x = torch.randn(N * S, w, device=runner.device, dtype=runner.dtype)
+        r = {"rows": N * S, "width": w, "heads": H, "head_dim": d}
+        r["layer_norm"] = graph_time_us(lambda: F.layer_norm(x, (w,), blk.norm1.weight, blk.norm1.bias, blk.norm1.eps))
+        r["qkv"] = graph_time_us(lambda: ops.linear(x, blk.attn.qkv.weight, blk.attn.qkv.bias))
+        r["qkv_cublas"] = graph_time_us(lambda: F.linear(x, blk.attn.qkv.weight, blk.attn.qkv.bias))
+        qkv = F.linear(x, blk.attn.qkv.weight, blk.attn.qkv.bias).view(N * S, 3, H, d)
+        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+        cu = torch.arange(0, (N + 1) * S, S, device=x.device, dtype=torch.int32)
+        for be in ("flash", "sdpa_dense", "kernels"):
+            try:
+                r[f"attn_{be}"] = graph_time_us(lambda: ops.attention(q, k, v, cu, S, backend=be))
+            except Exception as err:  # noqa: BLE001
+                r[f"attn_{be}"] = f"failed: {type(err).__name__}: {err}"[:200]
+        q4, k4, v4 = (t.reshape(N, S, H, d).transpose(1, 2) for t in (q, k, v))
+        for name, be in (("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
+                         ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+            try:
+                with sdpa_kernel([be]):
+                    r[f"attn_sdpa_{name}"] = graph_time_us(lambda: F.scaled_dot_product_attention(q4, k4, v4))
+            except Exception as err:  # noqa: BLE001
+                r[f"attn_sdpa_{name}"] = f"failed: {type(err).__name__}: {err}"[:200]
+            try:  # contiguous [N, H, S, d] inputs (what a fused qkv split could write)
+                qc, kc, vc = q4.contiguous(), k4.contiguous(), v4.contiguous()
+                with sdpa_kernel([be]):
+                    r[f"attn_sdpa_{name}_contig"] = graph_time_us(lambda: F.scaled_dot_product_attention(qc, kc, vc))
+            except Exception as err:  # noqa: BLE001
+                r[f"attn_sdpa_{name}_contig"] = f"failed: {type(err).__name__}: {err}"[:200]
+        o = torch.randn(N * S, w, device=x.device, dtype=x.dtype)
+        r["proj"] = graph_time_us(lambda: ops.linear(o, blk.attn.proj.weight, blk.attn.proj.bias))
+        if c.layer_scale:
+            r["addcmul"] = graph_time_us(lambda: torch.addcmul(x, o, blk.ls1.gamma))
+        h1 = ops.linear(x, blk.mlp.fc1.weight, blk.mlp.fc1.bias)
+        r["fc1"] = graph_time_us(lambda: ops.linear(x, blk.mlp.fc1.weight, blk.mlp.fc1.bias))
+        r["fc1_cublas"] = graph_time_us(lambda: F.linear(x, blk.mlp.fc1.weight, blk.mlp.fc1.bias))
+        r["gelu"] = graph_time_us(lambda: F.gelu(h1))
+        wt = blk.mlp.fc1.weight.t()
+        r["fc1_gelu_epilogue_tanh"] = graph_time_us(
+            lambda: torch._addmm_activation(blk.mlp.fc1.bias, x, wt, use_gelu=True))
+        exact = F.gelu(F.linear(x.float(), blk.mlp.fc1.weight.float(), blk.mlp.fc1.bias.float()))
+        epi = torch._addmm_activation(blk.mlp.fc1.bias, x, wt, use_gelu=True).float()
+        sep = F.gelu(F.linear(x, blk.mlp.fc1.weight, blk.mlp.fc1.bias)).float()
+        r["fc1_gelu_epilogue_relerr_vs_fp32_exact"] = float((epi - exact).norm() / exact.norm())
+        r["fc1_gelu_separate_relerr_vs_fp32_exact"] = float((sep - exact).norm() / exact.norm())
+        g1 = F.gelu(h1)
+        r["fc2"] = graph_time_us(lambda: ops.linear(g1, blk.mlp.fc2.weight, blk.mlp.fc2.bias))
+        r["fc2_cublas"] = graph_time_us(lambda: F.linear(g1, blk.mlp.fc2.weight, blk.mlp.fc2.bias))
+        res[tag] = r
+    return res
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--trace", default=".devcarry/libero_spatial_t0.npz")
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, default=16, help="SpecPrune steps under cProfile")
+    p.add_argument("--runtime", default="{}", help="JSON overrides of the accel RuntimeConfig")
+    p.add_argument("--preset", default="7b", help="7b | tiny (tiny + --device cpu: a smoke run of this script)")
+    p.add_argument("--device", default="cuda")
+    a = p.parse_args(argv)
+    import vla_accel
+    from vla_accel.runtime import AccelRunner, RuntimeConfig
+    from vla_accel.runtime.bench import (WordTokenizer, cache_prepare, load_trace_npz, observations, prune_config,
+                                         run_replay, run_specprune)
+
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = torch.device(a.device)
+    cuda = dev.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    trace = load_trace_npz(a.trace)
+    policy = vla_accel.random_policy(a.preset, device=dev, dtype=dtype, seed=0)
+    policy.tokenizer = WordTokenizer()
+    cache_prepare(policy)
+    runner = AccelRunner(policy.model, RuntimeConfig.from_dict({"name": "accel", "profile": True,
+                                                                **({} if cuda else {"on_cpu": "emulate"}),
+                                                                **json.loads(a.runtime)}))
+    policy.executor = runner
+    summary: dict = {"runtime": runner.describe()}
+
+    inputs = [policy.prepare([observations(trace, t)], [trace["instruction"]]) for t in range(8)]
+    for ids, pix, prop in inputs[:3]:
+        policy.predict_from_inputs(ids, pix, prop)
+    _sync()
+
+    # ---- vision alone (graphed), then (c)
+    pix = inputs[0][1].to(dev, dtype)
+    prop = inputs[0][2].to(dev, dtype)
+
+    def call_vision():
+        with torch.inference_mode():
+            runner._vision(pix, prop, True)
+
+    profiled("vision", call_vision, 10, out, summary)
+    it = iter(range(10 ** 9))
+
+    def call_c():
+        i = next(it) % len(inputs)
+        policy.predict_from_inputs(*inputs[i])
+
+    profiled("c", call_c, 10, out, summary)
+
+    # ---- (d): warm-up pass (captures), cProfile pass, profiler pass, replay
+    cfg = prune_config(None)
+    steps = min(a.steps, len(trace["state"]))
+    run_specprune(policy, runner, cfg, trace, steps, 1, 7, dev)
+    pr = cProfile.Profile()
+    t0 = time.perf_counter()
+    pr.enable()
+    run = run_specprune(policy, runner, cfg, trace, steps, 1, 7, dev, keep_replay=True)
+    pr.disable()
+    summary["d_cprofile"] = {"steps": steps, "wall_ms_per_step": (time.perf_counter() - t0) * 1e3 / steps,
+                             "latency_ms_median": float(np.median(run["lat"])),
+                             "hook_host_ms_median": float(np.median(run["hook_ms"]))}
+    s = io.StringIO()
+    st = pstats.Stats(pr, stream=s)
+    st.sort_stats("tottime").print_stats(45)
+    st.sort_stats("cumulative").print_stats(60)
+    (out / "host_d.txt").write_text(s.getvalue())
+
+    n_d = min(8, steps)  # whole-run wall per query includes the actor's host work around the forward
+    profiled("d", lambda: run_specprune(policy, runner, cfg, trace, n_d, 1, 7, dev), 1, out, summary, n_d)
+    replay = run["replay"][:8]
+    profiled("d_replay", lambda: run_replay(policy, runner, replay, trace["instruction"], dev), 1, out, summary,
+             len(replay))
+
+    # ---- vision op micro-timings
+    try:
+        if not cuda:
+            raise RuntimeError("op micro-timings need CUDA graphs (GPU only)")
+        summary["ops_note"] = "see ops.json"
+        (out / "ops.json").write_text(json.dumps(vision_ops(runner), indent=1) + "\n")
+    except Exception as err:  # noqa: BLE001
+        import traceback
+
+        (out / "ops_error.txt").write_text(traceback.format_exc())
+        print(f"[ops] FAILED: {err}", flush=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    print(json.dumps(summary, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
