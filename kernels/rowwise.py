@@ -3,6 +3,7 @@
     y = rms_norm(x, w, eps)                        # x: [T, D] -> [T, D]; Llama's RMSNorm, one pass
     q, k = rope_split(qkv, positions, cos, sin, heads)   # qkv: [T, 3*H*d] -> rotated q, k: [T, H, d]
     a = silu_mul(gu)                               # gu: [T, 2I] = [gate | up] -> silu(gate) * up: [T, I]
+    y = add_layer_norm(x, r, g, w, b, eps)         # x += r * g (in place), then y = LayerNorm(x) (vision towers)
     # cos, sin: half-tables [P, d/2] (vla_accel.runtime.fused.rope_table)
 
 The plain-torch equivalents are `*_reference` below (the model's own arithmetic); tests compare the two.
@@ -104,3 +105,30 @@ def silu_mul(gu: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
 def silu_mul_reference(gu):
     g, u = gu.chunk(2, dim=-1)
     return F.silu(g) * u
+
+
+# ---------------------------------------------------------------- residual (+ layer scale) + LayerNorm
+def add_layer_norm(x: torch.Tensor, r: torch.Tensor, g: torch.Tensor | None, w: torch.Tensor, b: torch.Tensor,
+                   eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [T, D] residual stream, UPDATED IN PLACE to x + r * g (g: layer scale [D], None = 1); returns
+    LayerNorm(x) * w + b [T, D]. One pass instead of torch's addcmul + layer_norm."""
+    _check_rows("x", x)
+    _check_rows("r", r)
+    T, D = x.shape
+    if r.shape != x.shape or w.shape != (D,) or b.shape != (D,) or (g is not None and g.shape != (D,)):
+        raise ValueError(f"add_layer_norm: x {tuple(x.shape)} needs r of the same shape and g / w / b of [{D}]; "
+                         f"got r {tuple(r.shape)}, g {None if g is None else tuple(g.shape)}, w {tuple(w.shape)}, "
+                         f"b {tuple(b.shape)}")
+    y = out if out is not None else torch.empty_like(x)
+    if T:
+        block = _pow2(D)
+        _k.add_layer_norm_kernel[(T,)](x, r, g if g is not None else w, w, b, y, x.stride(0), r.stride(0),
+                                       y.stride(0), D, float(eps), HAS_G=g is not None, BLOCK=block,
+                                       num_warps=8 if block >= 2048 else 4)
+    return y
+
+
+def add_layer_norm_reference(x, r, g, w, b, eps):
+    """The towers' own arithmetic (vla_accel/model/vit.py): x + r * g rounded, then F.layer_norm."""
+    x.copy_(torch.addcmul(x, r, g) if g is not None else x + r)
+    return F.layer_norm(x, (x.shape[1],), w, b, eps)

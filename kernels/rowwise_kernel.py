@@ -1,5 +1,5 @@
 """Row-wise Triton kernels of the accelerated runtime (launchers in rowwise.py): RMSNorm, RoPE + q/k split,
-SiLU(gate) * up. Each follows the rounding steps of the plain model (vla_accel/model/llama.py): where the
+SiLU(gate) * up, and the vision towers' residual add (+ layer scale) fused with the next LayerNorm. Each follows the rounding steps of the plain model (vla_accel/model/llama.py): where the
 reference rounds an intermediate to the activation dtype, the kernel casts it too. Measured on an H100, the
 results still differ by <= 1 bf16 ulp in a fraction of elements (the compiler may keep a product in fp32),
 and the Triton interpreter on CPU truncates instead of rounding when it casts to bf16.
@@ -64,3 +64,27 @@ def silu_mul_kernel(gu_ptr, out_ptr, stride_gu, stride_out, INTER, BLOCK: tl.con
     ty = out_ptr.dtype.element_ty
     a = (g * tl.sigmoid(g)).to(ty).to(tl.float32)  # reference: F.silu rounds, then the product rounds
     tl.store(out_ptr + row * stride_out + offs, (a * u).to(ty), mask=mask)
+
+
+@triton.jit
+def add_layer_norm_kernel(x_ptr, y_ptr, g_ptr, w_ptr, b_ptr, out_ptr, stride_x, stride_y, stride_out, D, eps,
+                          HAS_G: tl.constexpr, BLOCK: tl.constexpr):
+    # one program per row; x (updated in place), y, out: [T, D]; g (layer scale), w, b: [D].
+    # x <- x + y * g (one rounding, as torch.addcmul), out = LayerNorm(x) * w + b (fp32 statistics of the
+    # rounded x, as F.layer_norm on the stored residual)
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < D
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + row * stride_y + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_G:
+        y = y * tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    s = (x + y).to(x_ptr.dtype.element_ty)
+    tl.store(x_ptr + row * stride_x + offs, s, mask=mask)
+    v = s.to(tl.float32)
+    mean = tl.sum(v, axis=0) / D
+    c = tl.where(mask, v - mean, 0.0)
+    rstd = tl.rsqrt(tl.sum(c * c, axis=0) / D + eps)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_out + offs, (c * rstd * w + b).to(out_ptr.dtype.element_ty), mask=mask)

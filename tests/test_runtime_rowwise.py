@@ -74,3 +74,33 @@ def test_shape_errors():
                      torch.zeros(8, 6), 4)
     with pytest.raises(ValueError, match="contiguous last dim"):
         R.silu_mul(torch.zeros(4, 8).t())
+
+
+@pytest.mark.parametrize("T", ROWS)
+@pytest.mark.parametrize("with_scale", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([torch.bfloat16] if DEV == "cuda" else []))
+def test_add_layer_norm_matches_tower_arithmetic(T, with_scale, dtype):
+    """x += r * g in place, then LayerNorm: against torch.addcmul + F.layer_norm (what vit.py computes). D = 72 is
+    not a power of two (masked lanes); bf16 only on a GPU (the interpreter's bf16 casts are not the GPU's)."""
+    g = torch.Generator().manual_seed(100 + T)
+    D = 72
+    x = torch.randn(T, D, generator=g).to(DEV, dtype)
+    r = torch.randn(T, D, generator=g).to(DEV, dtype)
+    gam = (0.1 * torch.randn(D, generator=g)).to(DEV, dtype) if with_scale else None
+    w = (1 + 0.1 * torch.randn(D, generator=g)).to(DEV, dtype)
+    b = (0.1 * torch.randn(D, generator=g)).to(DEV, dtype)
+    x_ref = x.clone()
+    want = R.add_layer_norm_reference(x_ref, r, gam, w, b, 1e-6)
+    got = R.add_layer_norm(x, r, gam, w, b, 1e-6)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-3, atol=4e-3) \
+        if dtype == torch.float16 else TOL[torch.bfloat16]
+    torch.testing.assert_close(x, x_ref, **tol)  # the residual stream, updated in place
+    torch.testing.assert_close(got, want, **tol)
+
+
+def test_add_layer_norm_shape_errors():
+    x = torch.zeros(3, 8)
+    with pytest.raises(ValueError, match="r of the same shape"):
+        R.add_layer_norm(x, torch.zeros(3, 7), None, torch.ones(8), torch.zeros(8), 1e-6)
+    with pytest.raises(ValueError, match="contiguous last dim"):
+        R.add_layer_norm(torch.zeros(8, 3).t(), torch.zeros(3, 8), None, torch.ones(8), torch.zeros(8), 1e-6)

@@ -154,8 +154,10 @@ class Policy:
         if dev.type == "cuda" and pixel_values.device.type == "cpu":
             # cast on the host (half the bytes), then an asynchronous copy from pinned memory
             pixel_values = pixel_values.to(dtype).pin_memory().to(dev, non_blocking=True)
+        # an executor that reads the lengths on the host (AccelRunner) gets them there: no device round trip
+        host_lens = getattr(self.executor, "host_prompt_lens", False)
         return self.executor(ids.to(dev), pixel_values.to(dev, dtype), proprio.to(dev, dtype),
-                             prompt_lens=lens.to(dev), hook=hook)
+                             prompt_lens=lens if host_lens else lens.to(dev), hook=hook)
 
     def predict_batch(self, obs_list: Sequence[Obs], instructions: Sequence[str], hook=None) -> np.ndarray:
         ids, pixels, props = self.prepare(obs_list, instructions)

@@ -109,6 +109,7 @@ class Capture:
 
     def __init__(self, inner):
         self.inner, self.last = inner, None
+        self.host_prompt_lens = getattr(inner, "host_prompt_lens", False)
 
     def __call__(self, input_ids, pixel_values, proprio, prompt_lens=None, hook=None):
         out = self.inner(input_ids, pixel_values, proprio, prompt_lens=prompt_lens, hook=hook)

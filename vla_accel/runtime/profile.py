@@ -7,6 +7,9 @@ The 7B architecture with random bf16 weights (as `vla-accel-bench e2e`). Writes 
   kernels_<s>.txt  per-kernel CUDA time of the profiled calls of section s (vision / c / d / d_replay)
   host_d.txt       cProfile of the SpecPrune queries (d): the host functions by own time and cumulative time
   ops.json         micro-timings (CUDA-graph replay) of the vision-tower ops and their alternatives
+  syncs.txt        every host<->device synchronization of one (c) and one (d) forward, with the call site
+                   (torch.cuda.set_sync_debug_mode), counted per site
+  trace_d.json.gz  chrome trace of two (d) queries (chrome://tracing or ui.perfetto.dev): the idle gaps
 Sections: vision (the graphed towers + projector), c (accel unpruned), d (accel + SpecPrune, one stream),
 d_replay (SpecPrune's token sets replayed by KeepPlan: the executor alone).
 """
@@ -49,7 +52,7 @@ def _busy_ms(events) -> float:
     return total / 1e3  # us -> ms
 
 
-def profiled(name: str, fn, calls: int, out: Path, summary: dict, per_call: int = 1) -> None:
+def profiled(name: str, fn, calls: int, out: Path, summary: dict, per_call: int = 1, trace: bool = False) -> None:
     """Runs fn() `calls` times under the torch profiler (one synchronize per call): wall, busy, kernel table.
     per_call: forwards one fn() call makes (busy and wall are reported per forward)."""
     from torch.profiler import ProfilerActivity, profile
@@ -72,7 +75,76 @@ def profiled(name: str, fn, calls: int, out: Path, summary: dict, per_call: int 
         key = "device_time_total" if avgs and hasattr(avgs[0], "device_time_total") else "cuda_time_total"
     table = avgs.table(sort_by=key, row_limit=60, max_name_column_width=90)
     (out / f"kernels_{name}.txt").write_text(table)
+    cpu_table = avgs.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=90)
+    (out / f"host_{name}_ops.txt").write_text(cpu_table)
+    if trace:
+        import gzip
+        import os
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            f = os.path.join(tmp, "t.json")
+            prof.export_chrome_trace(f)
+            with open(f, "rb") as src, gzip.open(out / f"trace_{name}.json.gz", "wb") as dst:
+                dst.write(src.read())
     print(f"[{name}] wall {wall:.2f} ms, GPU busy {busy:.2f} ms per call", flush=True)
+
+
+def sync_audit(fns: dict, path: Path) -> dict:
+    """Runs each fn once with torch's sync debug mode on; records the call site (last frames inside this
+    project) of every synchronizing CUDA call. -> {name: {site: count}}."""
+    import traceback
+    import warnings
+
+    found: dict = {}
+    for name, fn in fns.items():
+        sites: dict = {}
+
+        def show(message, category, filename, lineno, file=None, line=None, _sites=sites):
+            frames = [f for f in traceback.extract_stack()[:-1]
+                      if "/vla_accel/" in f.filename or "/kernels/" in f.filename]
+            key = " <- ".join(f"{f.filename.rsplit('/', 2)[-2]}/{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}"
+                              for f in reversed(frames[-4:])) or f"{filename}:{lineno}"
+            _sites[key] = _sites.get(key, 0) + 1
+
+        _sync()
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = show
+            torch.cuda.set_sync_debug_mode(1)
+            try:
+                fn()
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        found[name] = sites
+    lines = []
+    for name, sites in found.items():
+        lines.append(f"== {name}: {sum(sites.values())} synchronizing calls")
+        lines += [f"{n:4d}  {k}" for k, n in sorted(sites.items(), key=lambda kv: -kv[1])]
+    path.write_text("\n".join(lines) + "\n")
+    return {name: sum(s.values()) for name, s in found.items()}
+
+
+def attention_ops(runner) -> dict:
+    """Backbone attention (32 heads x 128) at B = 1: the kernels' attention vs torch SDPA on the dense view."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    res = {}
+    H, d = runner.H, runner.D // runner.H
+    for S in (208, 608):
+        q, k, v = (torch.randn(S, H, d, device=runner.device, dtype=runner.dtype) for _ in range(3))
+        cu = torch.tensor([0, S], dtype=torch.int32, device=runner.device)
+        r = {"kernels": graph_time_us(lambda: runner.ops.attention(q, k, v, cu, S, backend="kernels")),
+             "flash_varlen": graph_time_us(lambda: runner.ops.attention(q, k, v, cu, S, backend="flash"))}
+        q4, k4, v4 = (t[None].transpose(1, 2) for t in (q, k, v))
+        for name, be in (("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa_flash", SDPBackend.FLASH_ATTENTION)):
+            try:
+                with sdpa_kernel([be]):
+                    r[name] = graph_time_us(lambda: F.scaled_dot_product_attention(q4, k4, v4))
+            except Exception as err:  # noqa: BLE001
+                r[name] = f"failed: {type(err).__name__}: {err}"[:200]
+        res[f"S{S}"] = r
+    return res
 
 
 def graph_time_us(fn, reps: int = 20) -> float:
@@ -229,6 +301,11 @@ def main(argv=None):
     st.sort_stats("cumulative").print_stats(60)
     (out / "host_d.txt").write_text(s.getvalue())
 
+    if cuda:
+        summary["syncs"] = sync_audit({"c": call_c, "d": lambda: run_specprune(policy, runner, cfg, trace, 2, 1, 7,
+                                                                                dev)}, out / "syncs.txt")
+        profiled("d2", lambda: run_specprune(policy, runner, cfg, trace, 2, 1, 7, dev), 1, out, summary, 2,
+                 trace=True)
     n_d = min(8, steps)  # whole-run wall per query includes the actor's host work around the forward
     profiled("d", lambda: run_specprune(policy, runner, cfg, trace, n_d, 1, 7, dev), 1, out, summary, n_d)
     replay = run["replay"][:8]
@@ -240,7 +317,8 @@ def main(argv=None):
         if not cuda:
             raise RuntimeError("op micro-timings need CUDA graphs (GPU only)")
         summary["ops_note"] = "see ops.json"
-        (out / "ops.json").write_text(json.dumps(vision_ops(runner), indent=1) + "\n")
+        (out / "ops.json").write_text(json.dumps({"vision": vision_ops(runner), "backbone_attention":
+                                                  attention_ops(runner)}, indent=1) + "\n")
     except Exception as err:  # noqa: BLE001
         import traceback
 

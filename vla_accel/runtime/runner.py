@@ -82,6 +82,8 @@ class State:
 
 
 class AccelRunner:
+    host_prompt_lens = True  # the policy may pass prompt_lens as a host tensor (read on the host here)
+
     def __init__(self, model: OpenVLAOFT, cfg: RuntimeConfig | dict | None = None):
         cfg = cfg if isinstance(cfg, RuntimeConfig) else RuntimeConfig.from_dict(cfg or {})
         self.model, self.cfg = model.eval(), cfg
@@ -99,8 +101,10 @@ class AccelRunner:
             self.mode = "eager"
         self.ops = Ops(cfg, self.device, self.dtype)
         self.vision_attn = {"sdpa": "sdpa_dense" if cuda else "sdpa"}.get(self.ops.vision_attn, self.ops.vision_attn)
-        if cuda and cfg.vision_attention == "auto":  # measured on an H100: SDPA for head dim 64, FA2 varlen for 72
-            self.vision_attn = {64: "sdpa_dense"}
+        if cuda and cfg.vision_attention == "auto":
+            # torch SDPA on the dense [2B, H, S, d] view (cuDNN on an H100): 9.5 us per DINOv2 / SigLIP block at
+            # B = 1 against 11.8 / 12.5 us for FA2 varlen (runtime.profile, 2026-11-24)
+            self.vision_attn = "sdpa_dense"
         m = model.cfg
         self.mcfg, self.L = m, m.llm.layers
         self.D, self.H = m.llm.hidden, m.llm.heads
@@ -161,7 +165,7 @@ class AccelRunner:
         B, P_max = input_ids.shape
         if prompt_lens is None:
             lens = [P_max] * B
-        else:
+        else:  # the policy hands host lengths (host_prompt_lens): a device tensor here would cost a sync
             lens = [int(x) for x in (prompt_lens.tolist() if torch.is_tensor(prompt_lens) else prompt_lens)]
         if len(lens) != B or min(lens) < 2 or max(lens) > P_max:
             raise ValueError(f"prompt_lens must give B={B} lengths in [2, {P_max}]; got {lens}")
@@ -219,20 +223,26 @@ class AccelRunner:
         if prefix:
             t = torch.cat(prefix + [t], dim=1)
         S = t.shape[1]
-        x = t.reshape(N * S, w)
+        x = t.reshape(N * S, w).contiguous()  # the residual stream, updated in place block by block
         cu = torch.arange(0, (N + 1) * S, S, device=x.device, dtype=torch.int32)
-        ops = self.ops
-        for blk in vit.blocks:
-            y = F.layer_norm(x, (w,), blk.norm1.weight, blk.norm1.bias, blk.norm1.eps)
+        ops, blocks = self.ops, vit.blocks
+        backend = self.vision_attn
+        y = F.layer_norm(x, (w,), blocks[0].norm1.weight, blocks[0].norm1.bias, blocks[0].norm1.eps)
+        for j, blk in enumerate(blocks):
+            # residual adds (x layer scale) are fused with the LayerNorm that follows them (x updated in place)
             qkv = ops.linear(y, blk.attn.qkv.weight, blk.attn.qkv.bias).view(N * S, 3, heads, w // heads)
-            backend = self.vision_attn.get(w // heads, "flash") if isinstance(self.vision_attn, dict) else self.vision_attn
             o = ops.attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu, S, backend=backend)
-            y = ops.linear(o.reshape(N * S, w), blk.attn.proj.weight, blk.attn.proj.bias)
-            x = torch.addcmul(x, y, blk.ls1.gamma) if c.layer_scale else x + y
-            y = F.layer_norm(x, (w,), blk.norm2.weight, blk.norm2.bias, blk.norm2.eps)
-            y = ops.linear(F.gelu(ops.linear(y, blk.mlp.fc1.weight, blk.mlp.fc1.bias)), blk.mlp.fc2.weight,
+            a = ops.linear(o.reshape(N * S, w), blk.attn.proj.weight, blk.attn.proj.bias)
+            y = ops.add_layer_norm(x, a, blk.ls1.gamma if c.layer_scale else None, blk.norm2.weight, blk.norm2.bias,
+                                   blk.norm2.eps)
+            m = ops.linear(ops.linear_gelu(y, blk.mlp.fc1.weight, blk.mlp.fc1.bias), blk.mlp.fc2.weight,
                            blk.mlp.fc2.bias)
-            x = torch.addcmul(x, y, blk.ls2.gamma) if c.layer_scale else x + y
+            g2 = blk.ls2.gamma if c.layer_scale else None
+            if j + 1 < len(blocks):
+                nxt = blocks[j + 1].norm1
+                y = ops.add_layer_norm(x, m, g2, nxt.weight, nxt.bias, nxt.eps)
+            else:
+                x = torch.addcmul(x, m, g2) if g2 is not None else x + m
         return x.view(N, S, w)[:, S - c.num_patches:]
 
     def _vision_fn(self, pix, prop_in):
@@ -256,11 +266,11 @@ class AccelRunner:
                 f2 = self._tower(m.vision_backbone.fused_featurizer, imgs[:, 3:])
             feats = torch.cat([f1, f2], dim=2).reshape(B * n_img * f1.shape[1], -1)  # [B*512, 2176]
             pj = m.projector
-            x = F.gelu(ops.linear(feats, pj.fc1.weight, pj.fc1.bias))
-            x = F.gelu(ops.linear(x, pj.fc2.weight, pj.fc2.bias))
+            x = ops.linear_gelu(feats, pj.fc1.weight, pj.fc1.bias)
+            x = ops.linear_gelu(x, pj.fc2.weight, pj.fc2.bias)
             x = ops.linear(x, pj.fc3.weight, pj.fc3.bias)
             pp = m.proprio_projector
-            p = ops.linear(F.gelu(ops.linear(prop_in, pp.fc1.weight, pp.fc1.bias)), pp.fc2.weight, pp.fc2.bias)
+            p = ops.linear(ops.linear_gelu(prop_in, pp.fc1.weight, pp.fc1.bias), pp.fc2.weight, pp.fc2.bias)
             return {"patches": x, "prop": p}
 
         return fn
@@ -326,7 +336,7 @@ class AccelRunner:
             raise ValueError(f"a sequence of {S} positions exceeds the RoPE table ({self.cos.shape[0]} positions, "
                              f"max_position_embeddings of the model); use a shorter instruction")
         view_pos = torch.arange(S, device=dev)[None].expand(B, S)
-        len_t = torch.tensor(lengths, device=dev)
+        len_t = self._device_longs(lengths)
         view_mask = None if min(lengths) == S else view_pos < len_t[:, None]
         st = self._new_state(B, T, S, view_pos, view_mask, len_t)
         idx, pos, cu = self._layout(B, P_max, lens, st.T_pad)
@@ -341,6 +351,14 @@ class AccelRunner:
         starts = cu[:B].long()
         st.pack_idx = starts[:, None] + torch.arange(S, device=dev)[None]
         return st
+
+    def _device_longs(self, values: list[int]) -> torch.Tensor:
+        """A small host list as a cached device tensor (torch.tensor(..., device=cuda) copies from pageable
+        memory, which waits for every kernel queued before it: a stall of the host behind the vision towers)."""
+        key = ("longs", tuple(values))
+        if key not in self._layouts:
+            self._layouts[key] = torch.tensor(values, device=self.device)
+        return self._layouts[key]
 
     def _pack(self, B, h, positions, key_mask) -> State:
         """A hook's padded (h [B, S', D], positions, key_mask) -> a packed State (valid rows in order)."""
@@ -480,10 +498,9 @@ class AccelRunner:
             prow = row_idx + torch.arange(0, st.B * st.S, st.S, device=self.device)[:, None]
         else:
             prow = st.pack_idx.gather(1, row_idx.clamp(0, st.S - 1))
-        prow = torch.where(row_valid, prow, torch.full_like(prow, st.T_pad))
-        sel = torch.zeros(st.T_pad + 1, dtype=torch.bool, device=self.device)
-        sel[prow.reshape(-1)] = True
-        st.sel.copy_(sel[:st.T_pad])
+        prow = torch.where(row_valid, prow, torch.full_like(prow, st.T_pad))  # invalid -> the extra slot
+        sel = torch.zeros(st.T_pad + 1, dtype=torch.int8, device=self.device).scatter_(0, prow.reshape(-1), 1)
+        st.sel.copy_(sel[:st.T_pad])  # (scatter_ with a scalar: no host round trip, unlike sel[idx] = True)
 
     def _key_mass(self, st: State, out: dict, rows) -> torch.Tensor:
         """[B, S] fp32 key mass in the hook's view (what llama.key_mass_from_rows gives the reference)."""
