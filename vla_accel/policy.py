@@ -151,13 +151,12 @@ class Policy:
         if tuple(proprio.shape) != (B, self.cfg.proprio_dim):
             raise ValueError(f"proprio must have shape {(B, self.cfg.proprio_dim)}, got {tuple(proprio.shape)}")
         dev, dtype = self.device, self.dtype
-        if dev.type == "cuda" and pixel_values.device.type == "cpu":
-            # cast on the host (half the bytes), then an asynchronous copy from pinned memory
-            pixel_values = pixel_values.to(dtype).pin_memory().to(dev, non_blocking=True)
+        # inputs go over cast on the host (pixels: half the bytes) and asynchronously, from pinned memory
+        ids, pixel_values, proprio = (to_device_async(x, dev, t) for x, t in
+                                      ((ids, None), (pixel_values, dtype), (proprio, dtype)))
         # an executor that reads the lengths on the host (AccelRunner) gets them there: no device round trip
         host_lens = getattr(self.executor, "host_prompt_lens", False)
-        return self.executor(ids.to(dev), pixel_values.to(dev, dtype), proprio.to(dev, dtype),
-                             prompt_lens=lens if host_lens else lens.to(dev), hook=hook)
+        return self.executor(ids, pixel_values, proprio, prompt_lens=lens if host_lens else lens.to(dev), hook=hook)
 
     def predict_batch(self, obs_list: Sequence[Obs], instructions: Sequence[str], hook=None) -> np.ndarray:
         ids, pixels, props = self.prepare(obs_list, instructions)
@@ -174,6 +173,18 @@ class Policy:
 
     def predict(self, obs: Obs, instruction: str) -> np.ndarray:
         return self.predict_batch([obs], [instruction])[0]
+
+
+def to_device_async(x: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x (cast to dtype) on `device`. Host -> CUDA: staged in a pinned buffer from torch's caching host allocator and
+    copied non-blocking -- a pageable copy would wait for every kernel queued before it, and `x.pin_memory()` asks
+    the driver whether x is pinned first (~0.1 ms per call measured under the profiler on an H100)."""
+    dtype = dtype or x.dtype
+    if device.type != "cuda" or x.device.type != "cpu":
+        return x.to(device, dtype)
+    buf = torch.empty(x.shape, dtype=dtype, pin_memory=True)
+    buf.copy_(x)
+    return buf.to(device, non_blocking=True)
 
 
 class ChunkedActor:

@@ -9,7 +9,7 @@ The 7B architecture with random bf16 weights (as `vla-accel-bench e2e`). Writes 
   ops.json         micro-timings (CUDA-graph replay) of the vision-tower ops and their alternatives
   syncs.txt        every host<->device synchronization of one (c) and one (d) forward, with the call site
                    (torch.cuda.set_sync_debug_mode), counted per site
-  trace_d.json.gz  chrome trace of two (d) queries (chrome://tracing or ui.perfetto.dev): the idle gaps
+  trace_c2.json.gz, trace_d2.json.gz  chrome traces of two (c) calls / (d) queries (ui.perfetto.dev)
 Sections: vision (the graphed towers + projector), c (accel unpruned), d (accel + SpecPrune, one stream),
 d_replay (SpecPrune's token sets replayed by KeepPlan: the executor alone).
 """
@@ -282,6 +282,8 @@ def main(argv=None):
         policy.predict_from_inputs(*inputs[i])
 
     profiled("c", call_c, 10, out, summary)
+    if cuda:
+        profiled("c2", call_c, 2, out, summary, trace=True)
 
     # ---- (d): warm-up pass (captures), cProfile pass, profiler pass, replay
     cfg = prune_config(None)
