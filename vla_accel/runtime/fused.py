@@ -147,9 +147,15 @@ class Ops:
             return self.K.linear(x, w, bias=b, table=self.table)
         return F.linear(x, w, b)
 
-    def linear_residual(self, x, w, res, b=None):  # res + x @ w.T (+ b)
-        if self.gemm == "kernels":
+    def linear_residual(self, x, w, res, b=None, inplace=False):  # res + x @ w.T (+ b)
+        """inplace: the sum may overwrite `res` (cuBLAS then accumulates into it: torch.addmm out of place first
+        copies `res`, a 5 MB copy per call at 608 rows). The runner passes it for residuals it owns."""
+        if self.gemm == "kernels" and (not inplace or b is not None or
+                                       self.K.choose(self.table, tuple(w.shape), x.shape[0], "linear_residual")
+                                       != "cublas"):
             return self.K.linear_residual(x, w, res, bias=b, table=self.table)
+        if inplace and b is None:
+            return res.addmm_(x, w.t())
         y = torch.addmm(res, x, w.t())
         return y if b is None else y + b
 
