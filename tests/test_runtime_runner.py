@@ -224,6 +224,45 @@ def test_specprune_same_decisions_and_actions():
         np.testing.assert_allclose(a_acc, a_ref, rtol=1e-5, atol=1e-5)
 
 
+def test_specprune_ragged_batch_uses_host_counts():
+    """Ragged SpecPrune batch (prompts of different lengths): the runner packs each pruned layer from the plan's
+    host counts (PrunePlan.kept_counts, no device read); they equal the key masks, and actions equal the
+    reference's under the same decisions."""
+    import yaml
+
+    from vla_accel.prune import make_actor
+    from vla_accel.runtime.bench import WordTokenizer
+    from vla_accel.runtime.plan import KeepPlan
+
+    cfg = yaml.safe_load(open(__import__("vla_accel.configs").configs.__path__[0] + "/prune/specprune.yaml"))
+    pol = vla_accel.random_policy("tiny", device="cpu", dtype=torch.float32, seed=0)
+    pol.tokenizer = WordTokenizer()
+    make_executor(pol, {"name": "accel"})
+    runner = pol.executor
+    actor = make_actor(pol, cfg)
+    rng = np.random.default_rng(3)
+    obs = [{"full_image": rng.integers(0, 255, (64, 64, 3), dtype=np.uint8),
+            "wrist_image": rng.integers(0, 255, (64, 64, 3), dtype=np.uint8), "state": np.zeros(8)} for _ in range(3)]
+    texts = ["pick up the bowl", "put the black bowl on the plate next to the cookie box", "open the drawer"]
+    actions, _ = actor.act_batch(obs, texts, [0, 1, 2])
+    plan = actor.last_plan
+    assert plan.kept_counts and any(plan.kept_mask[i] is not None for i in plan.kept_counts)
+    for i, counts in plan.kept_counts.items():
+        mask = plan.kept_mask[i]
+        want = mask.sum(1) if mask is not None else torch.full((3,), plan.kept_positions[i].shape[1])
+        assert counts.tolist() == want.tolist()
+    rows = {a: T for a, _, T, _, _ in runner.last_stats["segments"]}
+    for i, counts in plan.kept_counts.items():
+        assert rows[i] == int(counts.sum())
+    ids, pix, prop = pol.prepare(obs, texts)
+    ids_t, lens = pol.batch_ids(ids)
+    with torch.inference_mode():
+        ref = pol.model(ids_t, pix, prop, prompt_lens=lens, hook=KeepPlan.from_prune_plan(plan))[0]
+    acc = runner(ids_t, pix, prop, prompt_lens=lens, hook=KeepPlan.from_prune_plan(plan))[0]
+    torch.testing.assert_close(acc, ref, rtol=1e-5, atol=1e-5)
+    assert np.isfinite(actions).all()
+
+
 # ---------------------------------------------------------------- policy integration
 def test_make_executor_and_predict(policy):
     from vla_accel.runtime.bench import WordTokenizer

@@ -6,54 +6,59 @@ linspace(10, 0.1, n)), times the layer weight sigmoid(sharpness * (L - l)); the 
     imp <- imp + alpha * (w * layer_weight - imp)
 At a dynamic layer, floor(keep_ratio * n) of the n present visual tokens survive (both cameras ranked
 together by importance), never fewer than `min_visual` (and never more than are present).
+Host math in numpy, like static.py (array-likes in, numpy out; the importance is float32 throughout, as the
+ranking depends on its rounding).
 """
 
 from __future__ import annotations
 
 import math
 
-import torch
+import numpy as np
 
-from .static import ranks_per_camera
+from .static import descending_order, ranks_per_camera
 
 
 def layer_weight(layer: int, num_layers: int, sharpness: float) -> float:
     return 1.0 / (1.0 + math.exp(-sharpness * (num_layers - layer)))
 
 
-def rank_weights(scores: torch.Tensor, present: torch.Tensor, n_cams: int, w_max: float, w_min: float,
-                 ranks: torch.Tensor | None = None) -> torch.Tensor:
-    """scores, present [B, n_vis] -> fp32 [B, n_vis] rank weights per camera (0 where absent). ranks: those of
-    `where(present, scores, -inf)` per camera, if known (the plan's scores are -inf where absent already)."""
+def rank_weights(scores, present, n_cams: int, w_max: float, w_min: float,
+                 ranks: np.ndarray | None = None) -> np.ndarray:
+    """scores float32, present [B, n_vis] -> float32 [B, n_vis] rank weights per camera (0 where absent). ranks:
+    those of `where(present, scores, -inf)` per camera, if known (the plan's scores are -inf where absent already)."""
+    scores, present = np.asarray(scores), np.asarray(present)
     B, n_vis = scores.shape
     if ranks is None:
-        s = torch.where(present, scores, torch.full_like(scores, float("-inf")))
-        ranks = ranks_per_camera(s, n_cams)
-    ranks = ranks.view(B, n_cams, -1).float()
-    n = present.view(B, n_cams, -1).sum(2, keepdim=True).float()  # [B, C, 1]
-    w = w_max - (w_max - w_min) * ranks / (n - 1).clamp(min=1)
-    return torch.where(present, w.view(B, n_vis), torch.zeros_like(w.view(B, n_vis)))
+        ranks = ranks_per_camera(np.where(present, scores, np.float32(-np.inf)), n_cams)
+    ranks = ranks.reshape(B, n_cams, -1).astype(np.float32)
+    n = present.reshape(B, n_cams, -1).sum(2, keepdims=True).astype(np.float32)  # [B, C, 1]
+    w = w_max - (w_max - w_min) * ranks / np.maximum(n - 1, 1)  # float32 throughout (python scalars are weak)
+    return np.where(present, w.reshape(B, n_vis), np.float32(0))
 
 
-def update_importance(imp: torch.Tensor, scores: torch.Tensor, present: torch.Tensor, n_cams: int, *,
-                      alpha: float, weight: float, w_max: float, w_min: float,
-                      ranks: torch.Tensor | None = None) -> torch.Tensor:
-    """EMA step of the importance [B, n_vis] for the present slots; absent slots keep their value."""
+def update_importance(imp, scores, present, n_cams: int, *, alpha: float, weight: float, w_max: float,
+                      w_min: float, ranks: np.ndarray | None = None) -> np.ndarray:
+    """EMA step of the importance float32 [B, n_vis] for the present slots; absent slots keep their value."""
+    imp, present = np.asarray(imp), np.asarray(present)
     target = rank_weights(scores, present, n_cams, w_max, w_min, ranks) * weight
-    return torch.where(present, imp + alpha * (target - imp), imp)
+    return np.where(present, imp + alpha * (target - imp), imp)
 
 
-def keep_count(n: torch.Tensor, ratio: float, floor: int) -> torch.Tensor:
+def keep_count(n, ratio: float, floor: int) -> np.ndarray:
     """n [B] present visual tokens -> [B] tokens kept: min(n, max(floor, floor(ratio * n)))."""
-    k = torch.floor(n.double() * ratio).long()
-    return torch.minimum(n, torch.clamp(k, min=floor))
+    n = np.asarray(n)
+    k = np.floor(n.astype(np.float64) * ratio).astype(np.int64)
+    return np.minimum(n, np.maximum(k, floor))
 
 
-def dynamic_keep(imp: torch.Tensor, present: torch.Tensor, ratio: float, floor: int,
-                 n_present: torch.Tensor | None = None) -> torch.Tensor:
+def dynamic_keep(imp, present, ratio: float, floor: int, n_present=None) -> np.ndarray:
     """-> bool [B, n_vis]: the keep_count most important present slots (ties: lower slot first).
     n_present [B]: present.sum(1) if known (the plan keeps these counts on the host)."""
-    s = torch.where(present, imp, torch.full_like(imp, float("-inf")))
-    ranks = ranks_per_camera(s, 1)
+    imp, present = np.asarray(imp), np.asarray(present)
+    B, n_vis = present.shape
+    order = descending_order(np.where(present, imp, np.float32(-np.inf)))
     k = keep_count(present.sum(1) if n_present is None else n_present, ratio, floor)
-    return present & (ranks < k[:, None])
+    keep = np.empty_like(present)
+    keep[np.arange(B)[:, None], order] = np.arange(n_vis) < k[:, None]  # the first k of each row's order
+    return present & keep

@@ -11,14 +11,20 @@ Every decision is a plain tensor, per sample, so another executor can apply the 
     plan.keep_visual[l]      bool [B, n_vis] (host): visual slots kept after layer l (slot = original position - 1)
     plan.kept_positions[i]   long [B, S_i] (device): original positions of the tokens entering layer i (for i
                              after a prune; padding where plan.kept_mask[i] is False; kept_mask None = no padding)
-The decisions are made on the host from [B, 512] tensors: per forward the device sees one copy of the key
-mass per score layer back to the host (the plan's only device -> host reads, all through `_read`; counted in
-`plan.host_reads`) and, per prune, one pinned, non-blocking index copy and a gather. Token counts (visual
-tokens present per sample, hence every dynamic keep count min(n, max(min_visual, floor(keep_ratio * n)))) live
-on the host and never need the device. A score layer that only feeds the importance (not a static layer) is
+    plan.kept_counts[i]      int64 [B] (host, numpy): tokens per sample entering layer i (= kept_mask[i].sum(1)),
+                             so that an executor packing ragged rows needs no device read
+The decisions are made on the host, in numpy, from [B, 512] arrays (a torch op on so small a CPU tensor costs
+more in dispatch than in work); keep_visual and the other host records (rules, dropped_after, global_next,
+changed, importance, visual_scores) are torch views of those arrays (`torch.from_numpy`, no copy); the other
+host state (present_vis, n_present, local_union, nv_count, ...) is numpy. Per forward the device sees one copy
+of the key mass per score layer back to the host (the plan's only device -> host reads, all through `_read`;
+counted in `plan.host_reads`) and, per prune, one pinned, non-blocking index copy and a gather. Token counts
+(visual tokens present per sample, hence every dynamic keep count min(n, max(min_visual, floor(keep_ratio * n))))
+live on the host and never need the device. A score layer that only feeds the importance (not a static layer) is
 read without blocking on CUDA (pinned buffer + event) and folded in when the importance is next needed (the
 next dynamic cut, score layer or summary): the host waits there, after it has queued the layers in between,
-so the device does not idle while the host updates the importance (SpecPrune 7B: layer 12, needed after 15). The plan relies on the layout every executor keeps: per sample
+so the device does not idle while the host updates the importance (SpecPrune 7B: layer 12, needed after 15).
+The plan relies on the layout every executor keeps: per sample
 [BOS] [the visual tokens still present, ascending] [proprio, prompt, placeholders, stop] [padding].
 Non-visual tokens (BOS, proprio, prompt, placeholders, stop) are never dropped; kept tokens keep their
 original positions (RoPE index) and their order, so `OpenVLAOFT.action_window` still finds the actions.
@@ -33,13 +39,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
+from .._device import to_device_async as to_device  # pinned staging + non-blocking copy
 from . import dynamic as dyn
 from .config import DynamicConfig, LayerSchedule, StaticConfig
 from .flops import backbone_flops
 from .scores import query_window, window_rows
-from .static import (CHANGED, GLOBAL, LOCAL, changed_with_cap, order_and_ranks, rule_codes, static_keep,
+from .static import (CHANGED, GLOBAL, LOCAL, changed_with_cap, ranks_per_camera, rule_codes, static_keep,
                      topk_per_camera)
 
 
@@ -59,14 +67,6 @@ class Dims:
         return self.num_images * self.patches_per_image
 
 
-def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Host -> executor device without stalling the host: pinned memory + non-blocking copy on CUDA (a pageable
-    copy would wait for every kernel queued before it)."""
-    if device.type != "cuda":
-        return x.to(device)
-    return x.pin_memory().to(device, non_blocking=True)
-
-
 class PrunePlan:
 
     def __init__(self, dims: Dims, schedule: LayerSchedule, *, static: StaticConfig | None,
@@ -78,7 +78,7 @@ class PrunePlan:
         static / dynamic None = that part is off."""
         self.dims, self.static, self.dynamic = dims, static, dynamic
         n_vis, C = dims.n_vis, dims.num_images
-        lens = torch.as_tensor(prompt_lens, dtype=torch.long).cpu()
+        lens = torch.as_tensor(prompt_lens, dtype=torch.long).cpu().numpy()
         B = self.B = len(lens)
         self.static_layers = tuple(schedule.static_layers) if static is not None else ()
         self.dynamic_layers = tuple(schedule.dynamic_layers) if dynamic is not None else ()
@@ -94,7 +94,7 @@ class PrunePlan:
         self.max_static = host(max_static, torch.long, (B, C))
         self.changed = torch.zeros(B, n_vis, dtype=torch.bool)  # the changed rule's set at the latest stage
         self.global_prev = host(global_prev, torch.bool, (B, n_vis))
-        self.global_k = torch.tensor(static.global_topk if static is not None else (0,) * C).expand(B, C)
+        self.global_k = np.broadcast_to(static.global_topk if static is not None else (0,) * C, (B, C))
         # Sequence layout of sample b, always: [BOS] [present visual tokens, ascending] [nv_count[b] non-visual]
         self.nv_count = lens + dims.num_tail  # proprio + prompt[1:] + placeholders + stop
         # score query rows as original positions; index in the current sequence = position - visual dropped
@@ -102,22 +102,24 @@ class PrunePlan:
         self.q_lo, self.q_count = q_lo, q_hi - q_lo + 1
         self.r_prompt = int(self.q_count.max()) if B else 0
         self.r_nonvis = int(self.nv_count.max()) if B else 0
+        self._nv_valid = np.arange(self.r_nonvis) < self.nv_count[:, None]  # [B, r_nonvis]: token j of b exists
 
-        # per-forward state and records (host)
+        # per-forward state (numpy) and records (torch views of numpy arrays), all on the host
         L = dims.num_layers
-        self.present_vis = torch.ones(B, n_vis, dtype=torch.bool)  # visual slots still in the sequence
-        self.n_present = torch.full((B,), n_vis, dtype=torch.long)  # = present_vis.sum(1), kept on the host
-        self._importance = torch.zeros(B, n_vis)
-        self.local_union = torch.zeros(B, n_vis, dtype=torch.bool)
+        self.present_vis = np.ones((B, n_vis), dtype=bool)  # visual slots still in the sequence
+        self.n_present = np.full(B, n_vis)  # = present_vis.sum(1), kept on the host
+        self._importance = np.zeros((B, n_vis), dtype=np.float32)
+        self.local_union = np.zeros((B, n_vis), dtype=bool)
         self.rules = torch.zeros(B, n_vis, dtype=torch.uint8)
         self.dropped_after = torch.full((B, n_vis), -1, dtype=torch.long)
         self.global_next = torch.zeros(B, n_vis, dtype=torch.bool)
         self.keep_visual: dict[int, torch.Tensor] = {}
         self.kept_positions: dict[int, torch.Tensor] = {}  # (on the executor's device)
         self.kept_mask: dict[int, torch.Tensor | None] = {}
+        self.kept_counts: dict[int, np.ndarray] = {}  # (host)
         self._visual_scores: dict[int, torch.Tensor] = {}  # layer -> [B, n_vis] fp32 (-inf = absent)
-        self._present_at: list[torch.Tensor | None] = [None] * L  # present_vis entering layer i (summary)
-        self._rows: list[torch.Tensor | None] = [None] * L  # [B] score rows used at layer i
+        self._present_at: list[np.ndarray | None] = [None] * L  # present_vis entering layer i (summary)
+        self._rows: list[np.ndarray | None] = [None] * L  # [B] score rows used at layer i
         self._pending = None  # an importance-only score layer read but not folded in yet
         self.host_reads = 0  # device -> host reads (syncs on CUDA) this forward
 
@@ -144,14 +146,14 @@ class PrunePlan:
         self._pending = None
         if ev is not None:
             ev.synchronize()
-        scores = self._scores(mass, pres, n_present)
-        self._visual_scores[i] = scores
-        self._update_importance(i, scores, pres, order_and_ranks(scores, self.dims.num_images)[1])
+        scores = self._scores(i, mass, pres, n_present)
+        self._update_importance(i, scores, pres, ranks_per_camera(scores, self.dims.num_images))
 
     @property
     def importance(self) -> torch.Tensor:
+        """[B, n_vis] fp32 (host)."""
         self._flush()
-        return self._importance
+        return torch.from_numpy(self._importance)
 
     @property
     def visual_scores(self) -> dict[int, torch.Tensor]:
@@ -162,8 +164,10 @@ class PrunePlan:
     def before_layer(self, i, h, positions, key_mask):
         prev = i - 1
         if prev in self.dynamic_layers:
-            self.keep_visual[prev] = dyn.dynamic_keep(self.importance, self.present_vis, self.dynamic.keep_ratio,
-                                                      self.dynamic.min_visual, self.n_present)
+            self._flush()
+            keep = dyn.dynamic_keep(self._importance, self.present_vis, self.dynamic.keep_ratio,
+                                    self.dynamic.min_visual, self.n_present)
+            self.keep_visual[prev] = torch.from_numpy(keep)
         if prev in self.prune_layers:
             h, positions, key_mask = self._apply(prev, h, positions, key_mask)
             self.kept_positions[i], self.kept_mask[i] = positions, key_mask
@@ -174,13 +178,14 @@ class PrunePlan:
         if i in self.static_layers:
             start, count, R = self.q_lo, self.q_count, self.r_prompt
         elif i in self.importance_layers:
-            start, count, R = torch.full_like(self.q_lo, self.dims.n_vis + 1), self.nv_count, self.r_nonvis
+            start, count, R = np.full(self.B, self.dims.n_vis + 1), self.nv_count, self.r_nonvis
         else:
             return None
         start = start - (self.dims.n_vis - self.n_present)  # minus the visual tokens dropped so far
         self._rows[i] = count
         idx, valid = window_rows(start, count, R)
-        return to_device(idx, positions.device), to_device(valid, positions.device)
+        dev = positions.device
+        return to_device(torch.from_numpy(idx), dev), to_device(torch.from_numpy(valid), dev)
 
     def on_scores(self, i, key_mass, positions, key_mask):
         self._flush()  # an earlier importance layer first: the EMA runs in layer order
@@ -188,22 +193,22 @@ class PrunePlan:
         if i not in self.static_layers:  # importance only: nothing needs it before the next dynamic cut
             self._pending = (i, *self._read(key_mass, wait=False), pres, n_present)
             return
-        scores = self._scores(self._read(key_mass), pres, n_present)
-        self._visual_scores[i] = scores
-        order, ranks = order_and_ranks(scores, self.dims.num_images)  # one sort for every rule at this layer
+        scores = self._scores(i, self._read(key_mass), pres, n_present)
+        ranks = ranks_per_camera(scores, self.dims.num_images)  # one sort for every rule at this layer
         if i in self.importance_layers:
             self._update_importance(i, scores, pres, ranks)
-        self._static_stage(i, scores, pres, order, ranks)
+        self._static_stage(i, scores, pres, ranks)
 
     # ------------------------------------------------------------------ decisions
-    def _scores(self, mass, pres, n_present):
-        """key mass [B, S] (host) -> visual scores [B, n_vis] fp32 by slot (-inf = absent). The visual tokens sit
-        at 1 .. n_present, ascending slots."""
-        mass = mass.float()
+    def _scores(self, i, mass, pres, n_present):
+        """key mass [B, S] (host tensor) -> visual scores [B, n_vis] fp32 by slot (-inf = absent), recorded in
+        visual_scores. The visual tokens sit at 1 .. n_present, ascending slots."""
+        mass = mass.float().numpy()
         R = int(n_present.max())
-        valid = torch.arange(R)[None] < n_present[:, None]
-        scores = torch.full((self.B, self.dims.n_vis), float("-inf"))
+        valid = np.arange(R)[None] < n_present[:, None]
+        scores = np.full((self.B, self.dims.n_vis), -np.inf, dtype=np.float32)
         scores[pres] = mass[:, 1:1 + R][valid]
+        self._visual_scores[i] = torch.from_numpy(scores)
         return scores
 
     def _update_importance(self, i, scores, pres, ranks):
@@ -214,51 +219,52 @@ class PrunePlan:
                                                  alpha=d.ema_alpha, weight=w, w_max=d.rank_weight_max,
                                                  w_min=d.rank_weight_min, ranks=ranks)
 
-    def _static_stage(self, i, scores, pres, order, ranks):
+    def _static_stage(self, i, scores, pres, ranks):
         C = self.dims.num_images
         last = i == self.static_layers[-1]
-        top_k = topk_per_camera(scores, self.k_local, C, ranks)
+        k_local = self.k_local.numpy()
+        top_k = topk_per_camera(scores, k_local, C, ranks)
         if last:
             self.local_union |= top_k
             local = self.local_union
         else:  # speculative stage: a wider candidate set now, refined at the next scoring layer
-            local = topk_per_camera(scores, self.k_local * self.static.first_factor, C, ranks) | self.local_union
+            local = topk_per_camera(scores, k_local * self.static.first_factor, C, ranks) | self.local_union
             self.local_union |= top_k
         if self.similarity is not None:
-            self.changed = changed_with_cap(self.similarity, scores, self.static.changed.sim_threshold,
-                                            self.max_static, C, order)
-        keep = static_keep(pres, self.changed, self.global_prev, local)
-        self.keep_visual[i] = keep
+            self.changed = torch.from_numpy(changed_with_cap(self.similarity.numpy(), scores,
+                                                             self.static.changed.sim_threshold,
+                                                             self.max_static.numpy(), C, ranks))
+        changed, global_prev = self.changed.numpy(), self.global_prev.numpy()
+        keep = static_keep(pres, changed, global_prev, local)
+        self.keep_visual[i] = torch.from_numpy(keep)
         if last:
-            self.rules = torch.where(keep, rule_codes(self.changed, self.global_prev, local),
-                                     torch.zeros_like(self.rules))
-            self.global_next = topk_per_camera(scores, self.global_k, C, ranks)
+            self.rules = torch.from_numpy(np.where(keep, rule_codes(changed, global_prev, local), np.uint8(0)))
+            self.global_next = torch.from_numpy(topk_per_camera(scores, self.global_k, C, ranks))
 
     def _apply(self, layer, h, positions, key_mask):
         """Drops the visual tokens not in keep_visual[layer] (one gather on the device); records their fate."""
         before = self.present_vis
-        keep_vis = self.keep_visual[layer] & before
-        if torch.equal(keep_vis, before):
-            return h, positions, key_mask
-        self.dropped_after.masked_fill_(before & ~keep_vis, layer)
+        keep_vis = self.keep_visual[layer].numpy() & before
         n_before, n_kept = self.n_present, keep_vis.sum(1)
+        if np.array_equal(n_kept, n_before):  # (keep_vis is a subset of before)
+            return h, positions, key_mask
+        self.dropped_after.numpy()[before & ~keep_vis] = layer  # (in place: a view of the record)
         self.present_vis, self.n_present = keep_vis, n_kept
         counts = 1 + n_kept + self.nv_count
+        self.kept_counts[layer + 1] = counts
         B, S_new = self.B, int(counts.max())
-        # [B, S']: current index of every kept token, in order: BOS (0), the kept visual tokens, the non-visual
-        # tokens (they follow the n_before visual tokens present now), then padding (0)
-        j = torch.arange(S_new)[None]
-        k = n_kept[:, None]
-        tail = (j > k) & (j <= k + self.nv_count[:, None])
-        order = torch.where(tail, j - k + n_before[:, None], torch.zeros((), dtype=torch.long))
-        cur = before.long().cumsum(1)  # current index of each present visual slot (BOS is index 0)
-        rows = torch.arange(B)[:, None].expand_as(keep_vis)[keep_vis]
-        order[rows, keep_vis.long().cumsum(1)[keep_vis]] = cur[keep_vis]  # the i-th kept slot goes to index i
-        order = to_device(order, h.device)
+        # current index of every visual slot present and every non-visual token (BOS: 0); which of them stay
+        cur = np.concatenate([before.cumsum(1), n_before[:, None] + 1 + np.arange(self.r_nonvis)], 1)
+        stay = np.concatenate([keep_vis, self._nv_valid], 1)
+        # [B, S']: current index of every kept token, in order: BOS, the kept visual tokens, the non-visual tokens,
+        # then padding (index 0, masked)
+        valid = np.arange(S_new) < counts[:, None]
+        order = np.zeros((B, S_new), dtype=np.int64)
+        order[:, 1:][valid[:, 1:]] = cur[stay]
+        order = to_device(torch.from_numpy(order), h.device)
         h = torch.gather(h, 1, order[..., None].expand(B, S_new, h.shape[2]))
         positions = torch.gather(positions, 1, order)
-        key_mask = None if int(counts.min()) == S_new else \
-            to_device(torch.arange(S_new)[None] < counts[:, None], h.device)
+        key_mask = None if valid.all() else to_device(torch.from_numpy(valid), h.device)
         return h, positions, key_mask
 
     # ------------------------------------------------------------------ results
@@ -268,11 +274,10 @@ class PrunePlan:
         if any(p is None for p in self._present_at):
             raise RuntimeError("summary() before the forward pass went through every layer")
         self._flush()
-        visual_t = torch.stack(self._present_at, 1).view(self.B, L, C, -1).sum(3)  # [B, L, C]
-        tokens = (1 + visual_t.sum(2) + self.nv_count[:, None]).numpy()  # [B, L]
-        visual = visual_t.numpy()
-        zero = torch.zeros(self.B, dtype=torch.long)
-        rows = torch.stack([r if r is not None else zero for r in self._rows], 1).numpy()  # [B, L]
+        visual = np.stack(self._present_at, 1).reshape(self.B, L, C, -1).sum(3)  # [B, L, C]
+        tokens = 1 + visual.sum(2) + self.nv_count[:, None]  # [B, L]
+        zero = np.zeros(self.B, dtype=np.int64)
+        rows = np.stack([r if r is not None else zero for r in self._rows], 1)  # [B, L]
         rules, dropped, global_next = self.rules.numpy(), self.dropped_after.numpy(), self.global_next.numpy()
         static_out = self.static_layers[-1] + 1 if self.static_layers else None
         out = []

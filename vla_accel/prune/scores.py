@@ -17,6 +17,7 @@ p - (visual tokens dropped so far) of its sample:
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -37,23 +38,23 @@ def to_visual(values: torch.Tensor, slot: torch.Tensor, n_vis: int, fill: float 
     return out[:, :n_vis]
 
 
-def query_window(prompt_lens: torch.Tensor, n_vis: int, skip: int) -> tuple[torch.Tensor, torch.Tensor]:
+def query_window(prompt_lens: np.ndarray, n_vis: int, skip: int) -> tuple[np.ndarray, np.ndarray]:
     """Original positions [lo, hi] (inclusive, per sample) of the prompt tokens used as score queries:
     prompt tokens `1 + skip .. P - 1` (the trailing 29871 included). A prompt too short for `skip`
-    uses all its tokens after BOS."""
+    uses all its tokens after BOS. Host (numpy) int64 [B] in and out."""
     n_after_bos = prompt_lens - 1  # prompt tokens after BOS
-    s = torch.where(n_after_bos > skip, torch.full_like(prompt_lens, skip), torch.zeros_like(prompt_lens))
-    lo = n_vis + 2 + s
+    lo = n_vis + 2 + np.where(n_after_bos > skip, skip, 0)
     hi = n_vis + prompt_lens
     return lo, hi
 
 
-def window_rows(start: torch.Tensor, count: torch.Tensor, R: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows start_b .. start_b + count_b - 1 of each sample -> (row_idx [B, R] long, row_valid [B, R] bool).
+def window_rows(start: np.ndarray, count: np.ndarray, R: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows start_b .. start_b + count_b - 1 of each sample -> (row_idx [B, R] int64, row_valid [B, R] bool), on
+    the host (numpy).
 
     R >= max(count) is given by the caller (known from the prompt lengths: no device sync); surplus entries
     point at row 0 and are invalid.
     """
-    r = torch.arange(R, device=start.device)[None]
+    r = np.arange(R)[None]
     valid = r < count[:, None]
-    return torch.where(valid, start[:, None] + r, torch.zeros_like(r)), valid
+    return np.where(valid, start[:, None] + r, 0), valid

@@ -363,8 +363,9 @@ class AccelRunner:
             self._layouts[key] = torch.tensor(values, device=self.device)
         return self._layouts[key]
 
-    def _pack(self, B, h, positions, key_mask) -> State:
-        """A hook's padded (h [B, S', D], positions, key_mask) -> a packed State (valid rows in order)."""
+    def _pack(self, B, h, positions, key_mask, host_counts=None) -> State:
+        """A hook's padded (h [B, S', D], positions, key_mask) -> a packed State (valid rows in order).
+        host_counts: the hook's own rows per sample (PrunePlan.kept_counts), else read back from key_mask."""
         S2, dev = h.shape[1], self.device
         if key_mask is None:  # every sample has S2 rows: packed = the view's rows; no device-side bookkeeping
             st = self._new_state(B, B * S2, S2, positions, None, None)
@@ -375,7 +376,8 @@ class AccelRunner:
             st.cu.copy_(cu)
             return st
         counts = key_mask.sum(1)
-        T = int(counts.sum())  # host sync: only for ragged batches, right after the hook's own decisions
+        # rows in total: from the hook's host counts, else a device read (a sync: ragged batches, other hooks)
+        T = int(sum(int(c) for c in host_counts)) if host_counts is not None else int(counts.sum())
         st = self._new_state(B, T, S2, positions, key_mask, counts)
         valid = key_mask.reshape(-1).long()
         csum = valid.cumsum(0)
@@ -422,7 +424,7 @@ class AccelRunner:
                         f"the pruning hook changed the tokens before layer {i}, inside a graph segment "
                         f"{a}..{b}: a hook that drops tokens after layer {i - 1} must list it in `prune_layers` "
                         f"(or define neither score_layers nor prune_layers: one segment per layer)")
-                st = self._pack(st.B, h2, pos2, mask2)
+                st = self._pack(st.B, h2, pos2, mask2, getattr(hook, "kept_counts", {}).get(i))
                 h_view = h2
             r = hook.score_rows(i, st.view_pos, st.view_mask)
             if r is not None and i != b:
