@@ -147,6 +147,44 @@ def attention_ops(runner) -> dict:
     return res
 
 
+def gemm_split_ops(runner) -> dict:
+    """The N = 4096 backbone GEMMs (O: K 4096, down: K 11008) with the residual, at the token counts pruning
+    leaves: cuBLAS in place vs the same GEMM split along K over two CUDA streams (two half-K GEMMs in parallel,
+    then one add): twice the thread blocks streaming the weight."""
+    from .roofline import floor_ms
+
+    res = {}
+    dev, dt = runner.device, runner.dtype
+    side = torch.cuda.Stream(dev)
+    for name, K in (("o", 4096), ("down", 11008)):
+        w = torch.randn(4096, K, device=dev, dtype=dt) * 0.02
+        for M in (160, 208, 304, 608):
+            x = torch.randn(M, K, device=dev, dtype=dt)
+            h = torch.randn(M, 4096, device=dev, dtype=dt)
+            part = torch.empty(M, 4096, device=dev, dtype=dt)
+            k2 = K // 2
+
+            def split2():
+                main = torch.cuda.current_stream(dev)
+                side.wait_stream(main)
+                with torch.cuda.stream(side):
+                    torch.mm(x[:, k2:], w[:, k2:].t(), out=part)
+                h.addmm_(x[:, :k2], w[:, :k2].t())
+                main.wait_stream(side)
+                h.add_(part)
+
+            fl = 2 * M * 4096 * K
+            nb = 2 * (4096 * K + M * K + 2 * M * 4096)
+            r = {"floor_us": 1e3 * floor_ms(nb, fl),
+                 "inplace": graph_time_us(lambda: h.addmm_(x, w.t())),
+                 "outofplace": graph_time_us(lambda: torch.addmm(h, x, w.t())),
+                 "ksplit2_streams": graph_time_us(split2)}
+            if runner.ops.K is not None:
+                r["dispatched"] = graph_time_us(lambda: runner.ops.linear_residual(x, w, h))
+            res[f"{name}_M{M}"] = r
+    return res
+
+
 def graph_time_us(fn, reps: int = 20) -> float:
     """fn() captured `reps` times in one CUDA graph; median of 10 replays / reps (us)."""
     s = torch.cuda.Stream()
@@ -240,6 +278,7 @@ def main(argv=None):
     p.add_argument("--runtime", default="{}", help="JSON overrides of the accel RuntimeConfig")
     p.add_argument("--preset", default="7b", help="7b | tiny (tiny + --device cpu: a smoke run of this script)")
     p.add_argument("--device", default="cuda")
+    p.add_argument("--ops-only", action="store_true", help="only the op micro-timings (ops.json)")
     a = p.parse_args(argv)
     import vla_accel
     from vla_accel.runtime import AccelRunner, RuntimeConfig
@@ -261,6 +300,11 @@ def main(argv=None):
     policy.executor = runner
     summary: dict = {"runtime": runner.describe()}
 
+    if a.ops_only:
+        (out / "ops.json").write_text(json.dumps({"vision": vision_ops(runner), "backbone_attention":
+                                                  attention_ops(runner), "gemm_split": gemm_split_ops(runner)},
+                                                 indent=1) + "\n")
+        return
     inputs = [policy.prepare([observations(trace, t)], [trace["instruction"]]) for t in range(8)]
     for ids, pix, prop in inputs[:3]:
         policy.predict_from_inputs(ids, pix, prop)
@@ -320,7 +364,8 @@ def main(argv=None):
             raise RuntimeError("op micro-timings need CUDA graphs (GPU only)")
         summary["ops_note"] = "see ops.json"
         (out / "ops.json").write_text(json.dumps({"vision": vision_ops(runner), "backbone_attention":
-                                                  attention_ops(runner)}, indent=1) + "\n")
+                                                  attention_ops(runner), "gemm_split": gemm_split_ops(runner)},
+                                                 indent=1) + "\n")
     except Exception as err:  # noqa: BLE001
         import traceback
 
