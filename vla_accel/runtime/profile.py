@@ -179,6 +179,13 @@ def gemm_split_ops(runner) -> dict:
                  "inplace": graph_time_us(lambda: h.addmm_(x, w.t())),
                  "outofplace": graph_time_us(lambda: torch.addmm(h, x, w.t())),
                  "ksplit2_streams": graph_time_us(split2)}
+            try:
+                torch.backends.cuda.preferred_blas_library("cublaslt")
+                r["inplace_cublaslt"] = graph_time_us(lambda: h.addmm_(x, w.t()))
+            except Exception as err:  # noqa: BLE001
+                r["inplace_cublaslt"] = f"failed: {type(err).__name__}: {err}"[:200]
+            finally:
+                torch.backends.cuda.preferred_blas_library("cublas")
             if runner.ops.K is not None:
                 r["dispatched"] = graph_time_us(lambda: runner.ops.linear_residual(x, w, h))
             res[f"{name}_M{M}"] = r
