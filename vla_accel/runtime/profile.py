@@ -192,6 +192,56 @@ def gemm_split_ops(runner) -> dict:
     return res
 
 
+class MethodTimer:
+    """Host time per call site during a run: wraps named methods of classes (own time incl. anything they wait
+    for; nested wrapped methods are counted in both)."""
+
+    def __init__(self, targets):
+        self.targets, self.orig, self.ms, self.calls = targets, [], {}, {}
+
+    def __enter__(self):
+        for cls, name in self.targets:
+            f = getattr(cls, name)
+            key = f"{cls.__name__}.{name}"
+            self.orig.append((cls, name, f))
+
+            def timed(*a, _f=f, _k=key, **k):
+                t0 = time.perf_counter()
+                try:
+                    return _f(*a, **k)
+                finally:
+                    self.ms[_k] = self.ms.get(_k, 0.0) + (time.perf_counter() - t0) * 1e3
+                    self.calls[_k] = self.calls.get(_k, 0) + 1
+
+            setattr(cls, name, timed)
+        return self
+
+    def __exit__(self, *exc):
+        for cls, name, f in self.orig:
+            setattr(cls, name, f)
+
+
+def host_breakdown(policy, runner, cfg, trace, steps, dev) -> dict:
+    """ms per (d) query spent in the plan's and the runner's host methods (no profiler attached)."""
+    from vla_accel.prune.plan import PrunePlan
+    from vla_accel.runtime.graphs import GraphCache
+    from vla_accel.runtime.runner import AccelRunner
+
+    from .bench import run_specprune
+
+    targets = [(PrunePlan, n) for n in ("before_layer", "score_rows", "on_scores", "_read", "_flush", "_apply",
+                                        "_static_stage", "_scores", "_update_importance", "__init__", "summary")]
+    targets += [(AccelRunner, n) for n in ("forward", "_vision", "_assemble", "_call_hook", "_pack", "_fill_sel",
+                                           "_key_mass", "_segment", "_head", "_view_h")]
+    targets += [(GraphCache, "run")]
+    with MethodTimer(targets) as t:
+        run = run_specprune(policy, runner, cfg, trace, steps, 1, 7, dev)
+    out = {k: {"ms_per_query": round(v / steps, 4), "calls_per_query": t.calls[k] / steps}
+           for k, v in sorted(t.ms.items(), key=lambda kv: -kv[1])}
+    out["_latency_ms_median"] = float(np.median(run["lat"]))
+    return out
+
+
 def graph_time_us(fn, reps: int = 20) -> float:
     """fn() captured `reps` times in one CUDA graph; median of 10 replays / reps (us)."""
     s = torch.cuda.Stream()
@@ -359,6 +409,7 @@ def main(argv=None):
                                                                                 dev)}, out / "syncs.txt")
         profiled("d2", lambda: run_specprune(policy, runner, cfg, trace, 2, 1, 7, dev), 1, out, summary, 2,
                  trace=True)
+    summary["d_host_breakdown"] = host_breakdown(policy, runner, cfg, trace, steps, dev)
     n_d = min(8, steps)  # whole-run wall per query includes the actor's host work around the forward
     profiled("d", lambda: run_specprune(policy, runner, cfg, trace, n_d, 1, 7, dev), 1, out, summary, n_d)
     replay = run["replay"][:8]
