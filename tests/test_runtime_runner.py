@@ -263,6 +263,35 @@ def test_specprune_ragged_batch_uses_host_counts():
     assert np.isfinite(actions).all()
 
 
+@pytest.mark.parametrize("texts", [["pick up the bowl"], ["pick up the bowl", "open the top drawer of the cabinet"]])
+def test_specprune_kernel_scores_same_decisions(texts):
+    """SpecPrune with the attention kernel's key mass (runtime.scores=kernel, Triton interpreter on CPU): the
+    same token sets and actions as the reference executor. One stream: the score rows are selected from the
+    plan's host rows (no device ops); two streams of different prompt lengths: the device path."""
+    import yaml
+
+    from vla_accel.prune import make_actor
+    from vla_accel.runtime.bench import WordTokenizer
+
+    cfg = yaml.safe_load(open(__import__("vla_accel.configs").configs.__path__[0] + "/prune/specprune.yaml"))
+    rng = np.random.default_rng(5)
+    obs = [{"full_image": rng.integers(0, 255, (64, 64, 3), dtype=np.uint8),
+            "wrist_image": rng.integers(0, 255, (64, 64, 3), dtype=np.uint8), "state": np.zeros(8)} for _ in texts]
+    res = []
+    for rt in (None, {"name": "accel", "attention": "kernels", "scores": "kernel"}):
+        pol = vla_accel.random_policy("tiny", device="cpu", dtype=torch.float32, seed=0)
+        pol.tokenizer = WordTokenizer()
+        if rt:
+            make_executor(pol, rt)
+            assert pol.executor.ops.scores == "kernel"
+        actor = make_actor(pol, cfg)
+        res.append(actor.act_batch(obs, texts, list(range(len(texts)))))
+    (a_ref, i_ref), (a_acc, i_acc) = res
+    assert [i["kept_per_layer"] for i in i_acc] == [i["kept_per_layer"] for i in i_ref]
+    assert i_ref[0]["kept_per_layer"][-1] < i_ref[0]["kept_per_layer"][0]
+    np.testing.assert_allclose(a_acc, a_ref, rtol=1e-4, atol=1e-4)
+
+
 # ---------------------------------------------------------------- policy integration
 def test_make_executor_and_predict(policy):
     from vla_accel.runtime.bench import WordTokenizer

@@ -13,6 +13,8 @@ Every decision is a plain tensor, per sample, so another executor can apply the 
                              after a prune; padding where plan.kept_mask[i] is False; kept_mask None = no padding)
     plan.kept_counts[i]      int64 [B] (host, numpy): tokens per sample entering layer i (= kept_mask[i].sum(1)),
                              so that an executor packing ragged rows needs no device read
+    plan.score_rows_host[i]  (row_idx, row_valid) numpy: score_rows(i)'s answer on the host (an executor that
+                             builds its row selection on the host needs no device ops for it)
 The decisions are made on the host, in numpy, from [B, 512] arrays (a torch op on so small a CPU tensor costs
 more in dispatch than in work); keep_visual and the other host records (rules, dropped_after, global_next,
 changed, importance, visual_scores) are torch views of those arrays (`torch.from_numpy`, no copy); the other
@@ -117,6 +119,7 @@ class PrunePlan:
         self.kept_positions: dict[int, torch.Tensor] = {}  # (on the executor's device)
         self.kept_mask: dict[int, torch.Tensor | None] = {}
         self.kept_counts: dict[int, np.ndarray] = {}  # (host)
+        self.score_rows_host: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # layer -> what score_rows returned
         self._visual_scores: dict[int, torch.Tensor] = {}  # layer -> [B, n_vis] fp32 (-inf = absent)
         self._present_at: list[np.ndarray | None] = [None] * L  # present_vis entering layer i (summary)
         self._rows: list[np.ndarray | None] = [None] * L  # [B] score rows used at layer i
@@ -184,8 +187,9 @@ class PrunePlan:
         start = start - (self.dims.n_vis - self.n_present)  # minus the visual tokens dropped so far
         self._rows[i] = count
         idx, valid = window_rows(start, count, R)
-        dev = positions.device
-        return to_device(torch.from_numpy(idx), dev), to_device(torch.from_numpy(valid), dev)
+        self.score_rows_host[i] = (idx, valid)
+        both = to_device(np.concatenate([idx, valid]), positions.device)  # one upload: [row_idx; row_valid]
+        return both[:self.B], both[self.B:] != 0
 
     def on_scores(self, i, key_mass, positions, key_mask):
         self._flush()  # an earlier importance layer first: the EMA runs in layer order
@@ -261,10 +265,10 @@ class PrunePlan:
         valid = np.arange(S_new) < counts[:, None]
         order = np.zeros((B, S_new), dtype=np.int64)
         order[:, 1:][valid[:, 1:]] = cur[stay]
-        order = to_device(torch.from_numpy(order), h.device)
+        order = to_device(order, h.device)
         h = torch.gather(h, 1, order[..., None].expand(B, S_new, h.shape[2]))
         positions = torch.gather(positions, 1, order)
-        key_mask = None if valid.all() else to_device(torch.from_numpy(valid), h.device)
+        key_mask = None if valid.all() else to_device(valid, h.device)
         return h, positions, key_mask
 
     # ------------------------------------------------------------------ results

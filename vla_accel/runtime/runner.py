@@ -16,7 +16,7 @@ Same signature and results as `OpenVLAOFT.forward` (the plain model stays the re
 Pruning hooks follow the llama.py protocol (before_layer / score_rows / on_scores) with padded [B, S] views,
 exactly as the reference calls them. A hook that names `score_layers` and `prune_layers` (PrunePlan does) is
 served by graph segments that end at those layers; any other hook gets one segment per layer. The hook must
-copy what it keeps of `h`: the view it receives is a window on a static buffer.
+copy what it keeps of `h` and of the key mass it gets in on_scores: both may be windows on static buffers.
 """
 
 from __future__ import annotations
@@ -24,9 +24,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .._device import copy_into_async
 from ..model.llama import key_mass_from_rows, padding_bias
 from ..model.oft import OpenVLAOFT
 from .config import RuntimeConfig
@@ -70,6 +72,7 @@ class State:
     view_mask: torch.Tensor | None  # [B, S] key mask as the hook sees it (None: no padding)
     pack_idx: torch.Tensor  # [B, S] packed row of each view slot (valid where view_mask)
     sel: torch.Tensor | None = None  # [T_pad] bool score rows (kernel key-mass path)
+    host_rows: tuple | None = None  # the hook's score rows on the host (numpy), when it offers them
     history: list = field(default_factory=list)
 
     @property
@@ -431,6 +434,8 @@ class AccelRunner:
                 raise RuntimeError(f"the pruning hook asked for scores at layer {i}, inside a graph segment {a}..{b}: "
                                    f"list it in `score_layers`")
             rows = r if i == b else rows
+        if rows is not None:
+            st.host_rows = getattr(hook, "score_rows_host", {}).get(b)
         return st, rows
 
     # ------------------------------------------------------------------ backbone
@@ -500,6 +505,12 @@ class AccelRunner:
         return self.graphs.run(key, fn, what=f"backbone layers {a}..{b} at B={st.B}, {st.T_pad} token rows")
 
     def _fill_sel(self, st: State, rows):
+        if st.host_rows is not None and st.uniform:  # built on the host: one copy instead of six device ops
+            idx, valid = st.host_rows
+            sel = np.zeros(st.T_pad, dtype=bool)
+            sel[(idx + st.S * np.arange(st.B)[:, None])[valid]] = True
+            copy_into_async(st.sel, sel)
+            return
         row_idx, row_valid = rows
         if st.uniform:  # packed row = b * S + s
             prow = row_idx + torch.arange(0, st.B * st.S, st.S, device=self.device)[:, None]
@@ -512,8 +523,8 @@ class AccelRunner:
     def _key_mass(self, st: State, out: dict, rows) -> torch.Tensor:
         """[B, S] fp32 key mass in the hook's view (what llama.key_mass_from_rows gives the reference)."""
         if "mass" in out:
-            if st.uniform:
-                return out["mass"][:st.B * st.S].view(st.B, st.S).clone()
+            if st.uniform:  # a view of the graph's buffer: the hook copies what it keeps (as with h)
+                return out["mass"][:st.B * st.S].view(st.B, st.S)
             mass = out["mass"][st.pack_idx.clamp(0, st.T_pad - 1)]
             return mass * st.view_mask
         B, S, H, D = st.B, st.S, self.H, self.D
