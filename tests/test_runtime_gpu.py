@@ -213,11 +213,16 @@ class ScoreRecorder:
 def test_kernel_key_mass_matches_exact(model):
     pytest.importorskip("vla_accel.kernels")
     args = inputs(2, [31, 24], seed=11)
-    got, want = ScoreRecorder([0, 2]), ScoreRecorder([0, 2])
+    got, exact, ref = ScoreRecorder([0, 2]), ScoreRecorder([0, 2]), ScoreRecorder([0, 2])
     AccelRunner(model, RuntimeConfig(attention="kernels", scores="kernel"))(*args[:3], prompt_lens=args[3], hook=got)
+    AccelRunner(model, RuntimeConfig(attention="kernels", scores="exact"))(*args[:3], prompt_lens=args[3], hook=exact)
     with torch.inference_mode():
-        model(*args[:3], prompt_lens=args[3], hook=want)  # the reference: llama.key_mass_from_rows
+        model(*args[:3], prompt_lens=args[3], hook=ref)  # the reference: llama.key_mass_from_rows
     for i in (0, 2):
-        # same bf16 q, k; fp32 softmax in both; the sums differ in order only
-        torch.testing.assert_close(got.mass[i], want.mass[i], rtol=2e-2, atol=1e-5)
+        # the same runner arithmetic up to the key mass (same bf16 q, k); fp32 softmax in both: the sums differ in
+        # order only
+        torch.testing.assert_close(got.mass[i], exact.mass[i], rtol=1e-2, atol=1e-6)
         assert torch.allclose(got.mass[i].sum(1), torch.ones(2, device="cuda"), atol=1e-3)
+        # against the plain model: the towers' bf16 arithmetic differs (GELU in the GEMM epilogue, fused
+        # residual + LayerNorm, patch embedding as a GEMM), so q, k differ by bf16 roundings too
+        torch.testing.assert_close(got.mass[i], ref.mass[i], rtol=5e-2, atol=1e-4)
