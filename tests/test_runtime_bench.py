@@ -42,6 +42,25 @@ def test_bench_e2e_smoke(tmp_path):
     assert (tmp_path / "out" / "e2e.md").read_text().startswith("# End-to-end")
 
 
+@pytest.mark.slow
+def test_profile_smoke(tmp_path):
+    """`python -m vla_accel.runtime.profile` on the tiny model on CPU: every section runs and is written (the GPU-only
+    parts -- kernel timings, sync audit, traces -- are left out there, and say so)."""
+    from vla_accel.runtime.profile import main as profile
+
+    trace = tiny_trace(tmp_path)
+    profile(["--trace", str(trace), "--preset", "tiny", "--device", "cpu", "--steps", "3", "--out", str(tmp_path / "p")])
+    out = tmp_path / "p"
+    summary = json.loads((out / "summary.json").read_text())
+    assert {"vision", "c", "d", "d_replay", "d_host_breakdown"} <= set(summary)
+    host = summary["d_host_breakdown"]
+    assert host["PrunePlan.on_scores"]["calls_per_query"] == 3  # score layers 0, 1, 3 of the tiny schedule
+    assert host["AccelRunner.forward"]["calls_per_query"] == 1 and host["_latency_ms_median"] > 0
+    for name in ("kernels_c.txt", "host_d.txt", "host_d_ops.txt"):
+        assert (out / name).stat().st_size > 0
+    assert "GPU only" in (out / "ops_error.txt").read_text()
+
+
 def test_bench_dispatch_errors():
     with pytest.raises(SystemExit, match="unknown command 'train'"):
         dispatch(["train"])

@@ -163,8 +163,9 @@ class Ops:
         """gelu(x @ w.T + b). CUDA: cuBLASLt's GELU epilogue (torch._addmm_activation): one kernel instead of
         two, the tanh form of GELU applied in fp32 before the single rounding -- on the SigLIP / DINOv2 MLP
         shapes of an H100 its rel-L2 error against fp32 exact GELU (1.67e-3) is below that of the separate bf16
-        GEMM + exact GELU (2.69e-3; runtime.profile, 2026-11-24). Elsewhere: exact GELU, as the model."""
-        if x.is_cuda and x.dim() == 2:
+        GEMM + exact GELU (2.69e-3; runtime.profile, 2026-11-24). runtime.gelu_epilogue=false or CPU: exact GELU,
+        as the model."""
+        if self.cfg.gelu_epilogue and x.is_cuda and x.dim() == 2:
             return torch._addmm_activation(b, x, w.t(), use_gelu=True)
         return F.gelu(self.linear(x, w, b))
 

@@ -362,7 +362,8 @@ def main(argv=None):
                                                   attention_ops(runner), "gemm_split": gemm_split_ops(runner)},
                                                  indent=1) + "\n")
         return
-    inputs = [policy.prepare([observations(trace, t)], [trace["instruction"]]) for t in range(8)]
+    inputs = [policy.prepare([observations(trace, t)], [trace["instruction"]])
+              for t in range(min(8, len(trace["state"])))]
     for ids, pix, prop in inputs[:3]:
         policy.predict_from_inputs(ids, pix, prop)
     _sync()
