@@ -55,7 +55,6 @@ class RuntimeConfig:
     scores: str = "auto"                 # key mass for pruning hooks: auto (kernel with attention=kernels, else exact) | kernel | exact (llama.key_mass_from_rows)
     rowwise: str = "auto"                # RMSNorm / RoPE / SiLU*up: auto (triton on CUDA, torch on CPU) | triton | torch
     vision_streams: bool = True          # run the two vision towers on two CUDA streams (concurrently)
-    gelu_epilogue: bool = True           # CUDA: the towers' / projector's GELU in the cuBLASLt GEMM epilogue (tanh form, fp32, one rounding; rel-L2 vs fp32 exact GELU 1.7e-3 where the separate bf16 exact GELU has 2.7e-3); false = exact GELU as its own kernel
     last_layer_action_rows: bool = True  # last layer: O-proj, MLP and final norm only for the 56 action rows per sample
     share_weights: bool = True           # the fused QKV / gate-up buffers become the storage of the model's own q/k/v, gate/up weights (no second copy)
     capture_fallback: bool = False       # a failed capture: false = raise (with what to change); true = warn once and run that shape eagerly
@@ -68,8 +67,8 @@ class RuntimeConfig:
                               ("rowwise", ROWWISE), ("dtype", DTYPES),
                               ("scores", SCORES), ("on_cpu", ON_CPU)):
             _choice(name, getattr(self, name), allowed)
-        for name in ("graphs", "vision_streams", "gelu_epilogue", "last_layer_action_rows", "share_weights",
-                     "capture_fallback", "profile"):
+        for name in ("graphs", "vision_streams", "last_layer_action_rows", "share_weights", "capture_fallback",
+                     "profile"):
             if not isinstance(getattr(self, name), bool):
                 raise RuntimeConfigError(f"runtime.{name} must be true or false; got {getattr(self, name)!r}")
         self.batch_sizes = _int_list("batch_sizes", to_plain(self.batch_sizes))

@@ -6,7 +6,6 @@
     a = ops.gate_up_silu(x, w_gu)        # silu(x @ Wg.T) * (x @ Wu.T) from the fused [2I, K] weight
     y = ops.rms_norm(x, w, eps)          # one pass (Triton) instead of five (torch)
     y = ops.add_layer_norm(x, r, g, w, b, eps)   # vision: x += r * g in place, y = LayerNorm(x), one pass
-    y = ops.linear_gelu(x, w, b)         # vision MLP: GELU in the cuBLASLt epilogue on CUDA (see its docstring)
     q, k = ops.rope(qkv, pos, cos, sin, heads)   # rotate q and k out of the fused QKV rows, one pass
     o = ops.attention(q, k, v, cu, max_seqlen)   # packed varlen, bidirectional
     o, mass = ops.attention_scored(q, k, v, cu, max_seqlen, rows)   # + key mass (kernels only)
@@ -158,16 +157,6 @@ class Ops:
             return res.addmm_(x, w.t())
         y = torch.addmm(res, x, w.t())
         return y if b is None else y + b
-
-    def linear_gelu(self, x, w, b):
-        """gelu(x @ w.T + b). CUDA: cuBLASLt's GELU epilogue (torch._addmm_activation): one kernel instead of
-        two, the tanh form of GELU applied in fp32 before the single rounding -- on the SigLIP / DINOv2 MLP
-        shapes of an H100 its rel-L2 error against fp32 exact GELU (1.67e-3) is below that of the separate bf16
-        GEMM + exact GELU (2.69e-3; runtime.profile, 2026-11-24). runtime.gelu_epilogue=false or CPU: exact GELU,
-        as the model."""
-        if self.cfg.gelu_epilogue and x.is_cuda and x.dim() == 2:
-            return torch._addmm_activation(b, x, w.t(), use_gelu=True)
-        return F.gelu(self.linear(x, w, b))
 
     def gate_up_silu(self, x, w_gu):  # x: [M, K], w_gu: [2I, K] -> [M, I]
         if self.gemm == "kernels":

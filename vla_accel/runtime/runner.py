@@ -241,7 +241,7 @@ class AccelRunner:
             a = ops.linear(o.reshape(N * S, w), blk.attn.proj.weight, blk.attn.proj.bias)
             y = ops.add_layer_norm(x, a, blk.ls1.gamma if c.layer_scale else None, blk.norm2.weight, blk.norm2.bias,
                                    blk.norm2.eps)
-            m = ops.linear(ops.linear_gelu(y, blk.mlp.fc1.weight, blk.mlp.fc1.bias), blk.mlp.fc2.weight,
+            m = ops.linear(F.gelu(ops.linear(y, blk.mlp.fc1.weight, blk.mlp.fc1.bias)), blk.mlp.fc2.weight,
                            blk.mlp.fc2.bias)
             g2 = blk.ls2.gamma if c.layer_scale else None
             if j + 1 < len(blocks):
@@ -272,11 +272,11 @@ class AccelRunner:
                 f2 = self._tower(m.vision_backbone.fused_featurizer, imgs[:, 3:])
             feats = torch.cat([f1, f2], dim=2).reshape(B * n_img * f1.shape[1], -1)  # [B*512, 2176]
             pj = m.projector
-            x = ops.linear_gelu(feats, pj.fc1.weight, pj.fc1.bias)
-            x = ops.linear_gelu(x, pj.fc2.weight, pj.fc2.bias)
+            x = F.gelu(ops.linear(feats, pj.fc1.weight, pj.fc1.bias))
+            x = F.gelu(ops.linear(x, pj.fc2.weight, pj.fc2.bias))
             x = ops.linear(x, pj.fc3.weight, pj.fc3.bias)
             pp = m.proprio_projector
-            p = ops.linear(ops.linear_gelu(prop_in, pp.fc1.weight, pp.fc1.bias), pp.fc2.weight, pp.fc2.bias)
+            p = ops.linear(F.gelu(ops.linear(prop_in, pp.fc1.weight, pp.fc1.bias)), pp.fc2.weight, pp.fc2.bias)
             return {"patches": x, "prop": p}
 
         return fn
