@@ -226,3 +226,26 @@ def test_kernel_key_mass_matches_exact(model):
         # against the plain model: the towers' bf16 arithmetic differs (GELU in the GEMM epilogue, fused
         # residual + LayerNorm, patch embedding as a GEMM), so q, k differ by bf16 roundings too
         torch.testing.assert_close(got.mass[i], ref.mass[i], rtol=5e-2, atol=1e-4)
+
+
+class BlockingRecorder(ScoreRecorder):
+    """ScoreRecorder that says it reads layer 2's key mass at once: the runner hands it over early, as a host
+    tensor copied while the rest of the layer runs."""
+
+    def __init__(self, layers):
+        super().__init__(layers)
+        self.blocking_score_layers = [2]
+
+
+def test_early_key_mass_read_is_exact(model):
+    pytest.importorskip("vla_accel.kernels")
+    args = inputs(1, [31], seed=12)
+    runner = AccelRunner(model, RuntimeConfig(attention="kernels", scores="kernel"))
+    plain, early = ScoreRecorder([0, 2]), BlockingRecorder([0, 2])
+    out_plain = runner(*args[:3], prompt_lens=args[3], hook=plain)[0]
+    out_early = runner(*args[:3], prompt_lens=args[3], hook=early)[0]
+    assert runner.last_stats["early_reads"] == 1
+    assert early.mass[2].device.type == "cpu" and plain.mass[2].device.type == "cuda"
+    for i in (0, 2):  # the same kernels on the same inputs: the same bits
+        torch.testing.assert_close(early.mass[i].cuda(), plain.mass[i], rtol=0, atol=0)
+    torch.testing.assert_close(out_early, out_plain, rtol=0, atol=0)

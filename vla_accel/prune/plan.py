@@ -15,6 +15,8 @@ Every decision is a plain tensor, per sample, so another executor can apply the 
                              so that an executor packing ragged rows needs no device read
     plan.score_rows_host[i]  (row_idx, row_valid) numpy: score_rows(i)'s answer on the host (an executor that
                              builds its row selection on the host needs no device ops for it)
+    plan.blocking_score_layers  score layers whose key mass on_scores reads at once (the static layers): an
+                             executor may hand that key mass over as a host tensor, copied early
 The decisions are made on the host, in numpy, from [B, 512] arrays (a torch op on so small a CPU tensor costs
 more in dispatch than in work); keep_visual and the other host records (rules, dropped_after, global_next,
 changed, importance, visual_scores) are torch views of those arrays (`torch.from_numpy`, no copy); the other
@@ -87,6 +89,7 @@ class PrunePlan:
         self.importance_layers = tuple(schedule.score_layers) if dynamic is not None else ()
         self.score_layers = sorted(set(self.static_layers) | set(self.importance_layers))
         self.prune_layers = sorted(set(self.static_layers) | set(self.dynamic_layers))
+        self.blocking_score_layers = list(self.static_layers)  # on_scores reads these at once (executor hint)
 
         def host(x, dtype, shape):
             return torch.zeros(shape, dtype=dtype) if x is None else torch.as_tensor(x).cpu().to(dtype).reshape(shape)

@@ -17,6 +17,8 @@ Pruning hooks follow the llama.py protocol (before_layer / score_rows / on_score
 exactly as the reference calls them. A hook that names `score_layers` and `prune_layers` (PrunePlan does) is
 served by graph segments that end at those layers; any other hook gets one segment per layer. The hook must
 copy what it keeps of `h` and of the key mass it gets in on_scores: both may be windows on static buffers.
+A hook that lists layers in `blocking_score_layers` (it reads their key mass at once and decides on the host:
+PrunePlan's static layers) gets that key mass as a host tensor, copied while the GPU runs the rest of the layer.
 """
 
 from __future__ import annotations
@@ -124,6 +126,7 @@ class AccelRunner:
         self._buffers: dict[tuple, dict] = {}
         self._layouts: dict[tuple, tuple] = {}
         self._side = torch.cuda.Stream(self.device) if cuda and cfg.vision_streams else None
+        self._copy_stream = torch.cuda.Stream(self.device) if cuda else None  # early key-mass reads
         self.last_stats: dict[str, Any] = {}
         self.calls = 0
 
@@ -188,11 +191,18 @@ class AccelRunner:
             rows = None
             if hook is not None:
                 st, rows = self._call_hook(hook, a, b, st)
-            out = self._segment(a, b, st, rows)
+            # a layer whose key mass the hook waits for: its MLP half runs while the host decides
+            early = (rows is not None and st.graphed and st.uniform and self.mode == "cuda" and b < self.L - 1
+                     and self.ops.scores == "kernel" and b in getattr(hook, "blocking_score_layers", ()))
+            if early:
+                mass = self._segment_early_read(a, b, st, rows)
+            else:
+                out = self._segment(a, b, st, rows)
             stats["segments"].append((a, b, st.T, st.T_pad, st.graphed))
             stats["graphed_segments" if st.graphed else "eager_segments"] += 1
+            stats["early_reads"] = stats.get("early_reads", 0) + int(early)
             if rows is not None:
-                hook.on_scores(b, self._key_mass(st, out, rows), st.view_pos, st.view_mask)
+                hook.on_scores(b, mass if early else self._key_mass(st, out, rows), st.view_pos, st.view_mask)
         if prof:
             ev[2].record()
         actions = self._head(B, graphed_b)
@@ -447,6 +457,16 @@ class AccelRunner:
         return self._static("act", (B * self.A, self.D))
 
     def _layer(self, l: int, h, st: State, max_seqlen: int, *, action_rows=False, score=False, keep_qk=False):
+        o, extra = self._attention_part(l, h, st, max_seqlen, score=score, keep_qk=keep_qk)
+        if action_rows:  # only the action window leaves the last layer
+            rows = self._act_rows(st)
+            o, h = o.index_select(0, rows), h.index_select(0, rows)
+        # the residual accumulates in place, except into the segment's input buffer (a graph's warm-up call
+        # must leave its inputs as they were)
+        return self._mlp_part(l, o, h, inplace=h is not st.h), extra
+
+    def _attention_part(self, l: int, h, st: State, max_seqlen: int, *, score=False, keep_qk=False):
+        """RMSNorm, QKV, RoPE, attention (+ key mass) of layer l -> (o [T, D], extra)."""
         W, ops, T = self.layers[l], self.ops, h.shape[0]
         H, D = self.H, self.D
         x = ops.rms_norm(h, W.ln1, self.eps)
@@ -458,29 +478,29 @@ class AccelRunner:
             o, extra["mass"] = ops.attention_scored(q, k, v, st.cu, max_seqlen, st.sel)
         else:
             o = ops.attention(q, k, v, st.cu, max_seqlen)
-        o = o.reshape(T, D)
-        if action_rows:  # only the action window leaves the last layer
-            rows = self._act_rows(st)
-            o, h = o.index_select(0, rows), h.index_select(0, rows)
-        # the residual accumulates in place, except into the segment's input buffer (a graph's warm-up call
-        # must leave its inputs as they were)
-        h = ops.linear_residual(o, W.o, h, inplace=h is not st.h)
-        x = ops.rms_norm(h, W.ln2, self.eps)
-        h = ops.linear_residual(ops.gate_up_silu(x, W.gu), W.down, h, inplace=True)
         if keep_qk:
             extra["q"], extra["k"] = q, k
-        return h, extra
+        return o.reshape(T, D), extra
+
+    def _mlp_part(self, l: int, o, h, *, inplace: bool):
+        """O-projection + residual, RMSNorm, gate|up, SiLU*up, down + residual of layer l -> h."""
+        W, ops = self.layers[l], self.ops
+        h = ops.linear_residual(o, W.o, h, inplace=inplace)
+        x = ops.rms_norm(h, W.ln2, self.eps)
+        return ops.linear_residual(ops.gate_up_silu(x, W.gu), W.down, h, inplace=True)
+
+    def _max_seqlen(self, st: State) -> int:
+        # the longest packed sequence (a sample, or the padding rows), rounded up so that graphs are shared:
+        # it sizes the attention grid, so T_pad would launch mostly empty programs for batched samples
+        max_seqlen = max(st.S, st.T_pad - st.T, 1)
+        return min(st.T_pad, -(-max_seqlen // 64) * 64) if st.graphed else max_seqlen
 
     def _segment(self, a: int, b: int, st: State, rows) -> dict:
         last = b == self.L - 1
         score_mode = None if rows is None else self.ops.scores
         if score_mode == "kernel":
             self._fill_sel(st, rows)
-        # the longest packed sequence (a sample, or the padding rows), rounded up so that graphs are shared:
-        # it sizes the attention grid, so T_pad would launch mostly empty programs for batched samples
-        max_seqlen = max(st.S, st.T_pad - st.T, 1)
-        if st.graphed:
-            max_seqlen = min(st.T_pad, -(-max_seqlen // 64) * 64)
+        max_seqlen = self._max_seqlen(st)
         act_rows_only = self.cfg.last_layer_action_rows
 
         def fn(commit: bool):
@@ -503,6 +523,48 @@ class AccelRunner:
             return fn(True)
         key = ("layers", a, b, st.B, st.T_pad, max_seqlen, score_mode)
         return self.graphs.run(key, fn, what=f"backbone layers {a}..{b} at B={st.B}, {st.T_pad} token rows")
+
+    def _segment_early_read(self, a: int, b: int, st: State, rows) -> torch.Tensor:
+        """Layers a..b where the hook waits for layer b's key mass (CUDA graphs, one uniform batch, kernel key
+        mass): graph A runs up to layer b's attention, the key mass goes to pinned host memory on a side stream
+        while graph B runs the rest of layer b (O-projection and MLP) -- the host decides while the GPU works.
+        -> the key mass [B, S] on the host, ready."""
+        self._fill_sel(st, rows)
+        max_seqlen = self._max_seqlen(st)
+        mid_o = self._static("mid_o", (st.T_pad, self.D))  # graph A -> graph B
+        mid_h = self._static("mid_h", (st.T_pad, self.D))
+
+        def fn_a(commit: bool):
+            h = st.h
+            for l in range(a, b):
+                h, _ = self._layer(l, h, st, max_seqlen)
+            o, extra = self._attention_part(b, h, st, max_seqlen, score=True)
+            if commit:
+                mid_o.copy_(o)
+                mid_h.copy_(h)
+            return extra
+
+        def fn_b(commit: bool):
+            h = self._mlp_part(b, mid_o, mid_h, inplace=False)  # (its inputs stay as they were: warm-up call)
+            if commit:
+                st.h.copy_(h)
+            return {}
+
+        key = ("layers", a, b, st.B, st.T_pad, max_seqlen, "early")
+        out = self.graphs.run(key + ("attention",), fn_a, what=f"backbone layers {a}..{b} (to the attention) at "
+                                                               f"B={st.B}, {st.T_pad} token rows")
+        mass = out["mass"][:st.B * st.S].view(st.B, st.S)
+        host = torch.empty((st.B, st.S), dtype=mass.dtype, pin_memory=True)
+        main = torch.cuda.current_stream(self.device)
+        self._copy_stream.wait_stream(main)
+        with torch.cuda.stream(self._copy_stream):
+            host.copy_(mass, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        self.graphs.run(key + ("mlp",), fn_b, what=f"backbone layer {b} (O-projection + MLP) at B={st.B}, "
+                                                    f"{st.T_pad} token rows")
+        done.synchronize()
+        return host
 
     def _fill_sel(self, st: State, rows):
         if st.host_rows is not None and st.uniform:  # built on the host: one copy instead of six device ops
