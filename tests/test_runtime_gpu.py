@@ -229,23 +229,24 @@ def test_kernel_key_mass_matches_exact(model):
 
 
 class BlockingRecorder(ScoreRecorder):
-    """ScoreRecorder that says it reads layer 2's key mass at once: the runner hands it over early, as a host
-    tensor copied while the rest of the layer runs."""
+    """ScoreRecorder that says it reads layer 1's key mass at once: the runner hands it over early, as a host
+    tensor copied while the rest of the layer runs (the test model has 3 layers; the last one never qualifies)."""
 
     def __init__(self, layers):
         super().__init__(layers)
-        self.blocking_score_layers = [2]
+        self.blocking_score_layers = [1]
 
 
 def test_early_key_mass_read_is_exact(model):
     pytest.importorskip("vla_accel.kernels")
     args = inputs(1, [31], seed=12)
     runner = AccelRunner(model, RuntimeConfig(attention="kernels", scores="kernel"))
-    plain, early = ScoreRecorder([0, 2]), BlockingRecorder([0, 2])
+    plain, early = ScoreRecorder([0, 1]), BlockingRecorder([0, 1])
     out_plain = runner(*args[:3], prompt_lens=args[3], hook=plain)[0]
+    assert runner.last_stats["early_reads"] == 0
     out_early = runner(*args[:3], prompt_lens=args[3], hook=early)[0]
     assert runner.last_stats["early_reads"] == 1
-    assert early.mass[2].device.type == "cpu" and plain.mass[2].device.type == "cuda"
-    for i in (0, 2):  # the same kernels on the same inputs: the same bits
+    assert early.mass[1].device.type == "cpu" and plain.mass[1].device.type == "cuda"
+    for i in (0, 1):  # the same kernels on the same inputs: the same bits
         torch.testing.assert_close(early.mass[i].cuda(), plain.mass[i], rtol=0, atol=0)
     torch.testing.assert_close(out_early, out_plain, rtol=0, atol=0)
