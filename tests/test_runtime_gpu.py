@@ -247,6 +247,6 @@ def test_early_key_mass_read_is_exact(model):
     out_early = runner(*args[:3], prompt_lens=args[3], hook=early)[0]
     assert runner.last_stats["early_reads"] == 1
     assert early.mass[1].device.type == "cpu" and plain.mass[1].device.type == "cuda"
-    for i in (0, 1):  # the same kernels on the same inputs: the same bits
-        torch.testing.assert_close(early.mass[i].cuda(), plain.mass[i], rtol=0, atol=0)
-    torch.testing.assert_close(out_early, out_plain, rtol=0, atol=0)
+    for i in (0, 1):  # the same kernels on the same inputs; the key-mass kernel sums row tiles atomically (fp32)
+        torch.testing.assert_close(early.mass[i].cuda(), plain.mass[i], rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(out_early, out_plain, rtol=0, atol=0)  # the forward itself: the same bits
