@@ -194,8 +194,10 @@ def build_rules(points: list[tuple[int, dict[str, float]]], *, margin: float = 0
 # ---------------------------------------------------------------- dispatching launchers
 
 def run_impl(impl: str, x: torch.Tensor, w: torch.Tensor, *, bias: torch.Tensor | None = None,
-             residual: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
-    """Run one named implementation. x: [M, K]; w: [N, K] ([2I, K] gated) -> [M, N] ([M, I])."""
+             residual: torch.Tensor | None = None, gated: bool = False, inplace: bool = False) -> torch.Tensor:
+    """Run one named implementation. x: [M, K]; w: [N, K] ([2I, K] gated) -> [M, N] ([M, I]).
+    inplace: the result may overwrite `residual` (cuBLAS accumulates into it; out of place, torch.addmm would
+    copy it first; our kernels read it in their epilogue either way)."""
     family = impl_family(impl)
     if family == "cublas" and impl == "cublas":
         if gated:
@@ -204,6 +206,8 @@ def run_impl(impl: str, x: torch.Tensor, w: torch.Tensor, *, bias: torch.Tensor 
             h = F.silu(y[:, :inter]) * y[:, inter:]
             return h + bias if bias is not None else h
         if residual is not None:
+            if inplace and bias is None:
+                return residual.addmm_(x, w.t())
             y = torch.addmm(residual, x, w.t())
             return y + bias if bias is not None else y
         return F.linear(x, w, bias)
@@ -230,23 +234,25 @@ def _pick(table: DispatchTable | None, x: torch.Tensor, w: torch.Tensor, m: int,
 
 def linear(x: torch.Tensor, w: torch.Tensor, *, bias: torch.Tensor | None = None,
            residual: torch.Tensor | None = None, table: DispatchTable | None = None,
-           impl: str | None = None) -> torch.Tensor:
+           impl: str | None = None, inplace: bool = False) -> torch.Tensor:
     """y = x @ w.T (+ bias) (+ residual), dispatched per (w shape, M). x: [..., K], w: [N, K] -> [..., N].
 
-    table None: default_table(x.device); impl: force one implementation by name.
+    table None: default_table(x.device); impl: force one implementation by name; inplace: the result may
+    overwrite `residual` (see run_impl).
     """
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     r2 = residual.reshape(-1, w.shape[0]) if residual is not None else None
     op = "linear_residual" if residual is not None else "linear"
     chosen = _pick(table, x2, w, x2.shape[0], op, impl)
-    return run_impl(chosen, x2, w, bias=bias, residual=r2).reshape(*lead, w.shape[0])
+    return run_impl(chosen, x2, w, bias=bias, residual=r2, inplace=inplace).reshape(*lead, w.shape[0])
 
 
 def linear_residual(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor, *, bias: torch.Tensor | None = None,
-                    table: DispatchTable | None = None, impl: str | None = None) -> torch.Tensor:
-    """residual + x @ w.T. x: [..., K], w: [N, K], residual: [..., N] -> [..., N]."""
-    return linear(x, w, bias=bias, residual=residual, table=table, impl=impl)
+                    table: DispatchTable | None = None, impl: str | None = None,
+                    inplace: bool = False) -> torch.Tensor:
+    """residual + x @ w.T. x: [..., K], w: [N, K], residual: [..., N] -> [..., N] (inplace: see run_impl)."""
+    return linear(x, w, bias=bias, residual=residual, table=table, impl=impl, inplace=inplace)
 
 
 def gate_up_silu(x: torch.Tensor, w_gate_up: torch.Tensor, *, bias: torch.Tensor | None = None,

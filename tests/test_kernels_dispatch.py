@@ -176,3 +176,19 @@ def test_choose_attention_and_roundtrip(tmp_path):
     assert AttentionConfig.parse(big) == AttentionConfig(64, 64, 4, 3)
     with pytest.raises(ValueError, match="bad attention config name"):
         DispatchTable(attention={"d128": [(64, "attn:bm64")]})
+
+
+def test_linear_residual_inplace_cublas():
+    """inplace=True with cuBLAS accumulates into the residual itself (no copy of it); the sum is unchanged."""
+    from vla_accel.kernels import linear_residual
+
+    g = torch.Generator().manual_seed(3)
+    x, w, r = torch.randn(5, 8, generator=g), torch.randn(6, 8, generator=g), torch.randn(5, 6, generator=g)
+    want = r + x @ w.t()
+    res = r.clone()
+    got = linear_residual(x, w, res, impl="cublas", inplace=True)
+    assert got.data_ptr() == res.data_ptr()
+    torch.testing.assert_close(got, want)
+    out = linear_residual(x, w, r, impl="cublas")  # the default leaves the residual alone
+    assert out.data_ptr() != r.data_ptr()
+    torch.testing.assert_close(out, want)

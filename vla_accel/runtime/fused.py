@@ -149,10 +149,8 @@ class Ops:
     def linear_residual(self, x, w, res, b=None, inplace=False):  # res + x @ w.T (+ b)
         """inplace: the sum may overwrite `res` (cuBLAS then accumulates into it: torch.addmm out of place first
         copies `res`, a 5 MB copy per call at 608 rows). The runner passes it for residuals it owns."""
-        if self.gemm == "kernels" and (not inplace or b is not None or
-                                       self.K.choose(self.table, tuple(w.shape), x.shape[0], "linear_residual")
-                                       != "cublas"):
-            return self.K.linear_residual(x, w, res, bias=b, table=self.table)
+        if self.gemm == "kernels":
+            return self.K.linear_residual(x, w, res, bias=b, table=self.table, inplace=inplace)
         if inplace and b is None:
             return res.addmm_(x, w.t())
         y = torch.addmm(res, x, w.t())
