@@ -1,4 +1,4 @@
-"""Host -> device copies that never stall the host (shared by the policy, the pruning plan and the runner)."""
+"""Host <-> device copies that never stall the host (shared by the policy, the pruning plan and the runner)."""
 
 from __future__ import annotations
 
@@ -36,3 +36,12 @@ def copy_into_async(dst: torch.Tensor, x: np.ndarray) -> None:
     buf = torch.empty(x.shape, dtype=dst.dtype, pin_memory=True)
     buf.numpy()[...] = x
     dst.copy_(buf, non_blocking=True)
+
+
+def to_host_async(x: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
+    """A CUDA tensor -> (pinned host copy, event on the current stream): the copy is complete once the event is."""
+    buf = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+    buf.copy_(x, non_blocking=True)
+    ev = torch.cuda.Event()
+    ev.record(torch.cuda.current_stream(x.device))
+    return buf, ev

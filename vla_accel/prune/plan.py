@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._device import to_device_async as to_device  # pinned staging + non-blocking copy
+from .._device import to_device_async as to_device, to_host_async  # pinned staging, non-blocking copies
 from . import dynamic as dyn
 from .config import DynamicConfig, LayerSchedule, StaticConfig
 from .flops import backbone_flops
@@ -138,11 +138,7 @@ class PrunePlan:
             return x.cpu()
         if x.device.type != "cuda":  # a copy: the executor may reuse x's memory before the plan reads it
             return x.cpu().clone(), None
-        buf = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
-        buf.copy_(x, non_blocking=True)
-        ev = torch.cuda.Event()
-        ev.record(torch.cuda.current_stream(x.device))
-        return buf, ev
+        return to_host_async(x)
 
     def _flush(self):
         """Folds a pending importance-only score layer into the importance (waits for its copy)."""

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .._device import copy_into_async
+from .._device import copy_into_async, to_host_async
 from ..model.llama import key_mass_from_rows, padding_bias
 from ..model.oft import OpenVLAOFT
 from .config import RuntimeConfig
@@ -304,10 +304,19 @@ class AccelRunner:
         return out["patches"], out["prop"]
 
     # ------------------------------------------------------------------ packing
+    def _cached(self, key: tuple, make):
+        """Small device tensors built from host data, kept per key (the oldest dropped beyond 256 keys): built
+        once, they cost no host -> device copy (a pageable one waits for every kernel queued before it)."""
+        if key not in self._layouts:
+            self._layouts[key] = make()
+            if len(self._layouts) > 256:
+                self._layouts.pop(next(iter(self._layouts)))
+        return self._layouts[key]
+
     def _layout(self, B: int, P_max: int, lens: list[int], T_pad: int):
         """Host-built gather index into [tokens | patches | proprio | zero | stop], positions, cu_seqlens."""
-        key = (B, P_max, tuple(lens), T_pad)
-        if key not in self._layouts:
+
+        def make():
             n_patch = self.mcfg.num_patch_tokens - 1  # 512
             o_patch, o_prop = B * P_max, B * P_max + B * n_patch
             o_zero, o_stop = o_prop + B, o_prop + B + 1
@@ -323,11 +332,10 @@ class AccelRunner:
             pos += [0] * (T_pad - T)
             cu.append(T_pad)
             dev = self.device
-            self._layouts[key] = (torch.tensor(idx, device=dev), torch.tensor(pos, device=dev),
-                                  torch.tensor(cu, dtype=torch.int32, device=dev))
-            if len(self._layouts) > 256:
-                self._layouts.pop(next(iter(self._layouts)))
-        return self._layouts[key]
+            return (torch.tensor(idx, device=dev), torch.tensor(pos, device=dev),
+                    torch.tensor(cu, dtype=torch.int32, device=dev))
+
+        return self._cached((B, P_max, tuple(lens), T_pad), make)
 
     def _new_state(self, B, T, S, view_pos, view_mask, counts) -> State:
         T_pad, graphed = self.bucket(B, T)
@@ -352,7 +360,7 @@ class AccelRunner:
             raise ValueError(f"a sequence of {S} positions exceeds the RoPE table ({self.cos.shape[0]} positions, "
                              f"max_position_embeddings of the model); use a shorter instruction")
         view_pos = torch.arange(S, device=dev)[None].expand(B, S)
-        len_t = self._device_longs(lengths)
+        len_t = self._cached(("lengths", tuple(lengths)), lambda: torch.tensor(lengths, device=dev))
         view_mask = None if min(lengths) == S else view_pos < len_t[:, None]
         st = self._new_state(B, T, S, view_pos, view_mask, len_t)
         idx, pos, cu = self._layout(B, P_max, lens, st.T_pad)
@@ -368,14 +376,6 @@ class AccelRunner:
         st.pack_idx = starts[:, None] + torch.arange(S, device=dev)[None]
         return st
 
-    def _device_longs(self, values: list[int]) -> torch.Tensor:
-        """A small host list as a cached device tensor (torch.tensor(..., device=cuda) copies from pageable
-        memory, which waits for every kernel queued before it: a stall of the host behind the vision towers)."""
-        key = ("longs", tuple(values))
-        if key not in self._layouts:
-            self._layouts[key] = torch.tensor(values, device=self.device)
-        return self._layouts[key]
-
     def _pack(self, B, h, positions, key_mask, host_counts=None) -> State:
         """A hook's padded (h [B, S', D], positions, key_mask) -> a packed State (valid rows in order).
         host_counts: the hook's own rows per sample (PrunePlan.kept_counts), else read back from key_mask."""
@@ -390,7 +390,7 @@ class AccelRunner:
             return st
         counts = key_mask.sum(1)
         # rows in total: from the hook's host counts, else a device read (a sync: ragged batches, other hooks)
-        T = int(sum(int(c) for c in host_counts)) if host_counts is not None else int(counts.sum())
+        T = int(host_counts.sum()) if host_counts is not None else int(counts.sum())
         st = self._new_state(B, T, S2, positions, key_mask, counts)
         valid = key_mask.reshape(-1).long()
         csum = valid.cumsum(0)
@@ -406,17 +406,16 @@ class AccelRunner:
 
     def _uniform_layout(self, B: int, S: int, T_pad: int):
         """Cached device tensors of B samples x S rows padded to T_pad: gather index, cu_seqlens, pack map, counts."""
-        key = ("uniform", B, S, T_pad)
-        if key not in self._layouts:
+
+        def make():
             dev = self.device
             src = torch.arange(T_pad, device=dev).clamp_(max=B * S - 1)
             cu = torch.tensor([b * S for b in range(B + 1)] + [T_pad], dtype=torch.int32, device=dev)
             pack_idx = torch.arange(B * S, device=dev).view(B, S)
             counts = torch.full((B,), S, dtype=torch.long, device=dev)
-            self._layouts[key] = (src, cu, pack_idx, counts)
-            if len(self._layouts) > 256:
-                self._layouts.pop(next(iter(self._layouts)))
-        return self._layouts[key]
+            return src, cu, pack_idx, counts
+
+        return self._cached(("uniform", B, S, T_pad), make)
 
     def _view_h(self, st: State) -> torch.Tensor:
         """The hook's padded view [B, S, D] of the packed rows (zero-copy when no sample is padded)."""
@@ -553,14 +552,9 @@ class AccelRunner:
         key = ("layers", a, b, st.B, st.T_pad, max_seqlen, "early")
         out = self.graphs.run(key + ("attention",), fn_a, what=f"backbone layers {a}..{b} (to the attention) at "
                                                                f"B={st.B}, {st.T_pad} token rows")
-        mass = out["mass"][:st.B * st.S].view(st.B, st.S)
-        host = torch.empty((st.B, st.S), dtype=mass.dtype, pin_memory=True)
-        main = torch.cuda.current_stream(self.device)
-        self._copy_stream.wait_stream(main)
+        self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._copy_stream):
-            host.copy_(mass, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record()
+            host, done = to_host_async(self._key_mass(st, out, rows))
         self.graphs.run(key + ("mlp",), fn_b, what=f"backbone layer {b} (O-projection + MLP) at B={st.B}, "
                                                     f"{st.T_pad} token rows")
         done.synchronize()
