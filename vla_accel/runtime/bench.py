@@ -209,37 +209,47 @@ def run_plain(policy, executor, inputs, warmup: int, device) -> dict:
     return {"lat": lat, "splits": splits, "actions": outs}
 
 
-class HookTimer:
-    """Host time spent inside the pruning plan's protocol methods (incl. any device sync they do), per call.
-    Installed on the PrunePlan class for the duration of a timed run only (bench instrumentation)."""
+class MethodTimer:
+    """Host time per method while installed: wraps named methods of classes (own time incl. anything they wait
+    for; nested wrapped methods are counted in both). ms / calls: per "Class.method" (bench instrumentation)."""
 
-    METHODS = ("before_layer", "score_rows", "on_scores")
-
-    def __init__(self):
-        from vla_accel.prune.plan import PrunePlan
-
-        self.cls, self.total, self.orig = PrunePlan, 0.0, {}
+    def __init__(self, targets):
+        self.targets, self.orig, self.ms, self.calls = targets, [], {}, {}
 
     def __enter__(self):
-        for name in self.METHODS:
-            f = self.orig[name] = getattr(self.cls, name)
+        for cls, name in self.targets:
+            f = getattr(cls, name)
+            key = f"{cls.__name__}.{name}"
+            self.orig.append((cls, name, f))
 
-            def timed(*a, _f=f, **k):
+            def timed(*a, _f=f, _k=key, **k):
                 t0 = time.perf_counter()
                 try:
                     return _f(*a, **k)
                 finally:
-                    self.total += time.perf_counter() - t0
+                    self.ms[_k] = self.ms.get(_k, 0.0) + (time.perf_counter() - t0) * 1e3
+                    self.calls[_k] = self.calls.get(_k, 0) + 1
 
-            setattr(self.cls, name, timed)
+            setattr(cls, name, timed)
         return self
 
     def __exit__(self, *exc):
-        for name, f in self.orig.items():
-            setattr(self.cls, name, f)
+        for cls, name, f in self.orig:
+            setattr(cls, name, f)
+
+
+class HookTimer(MethodTimer):
+    """Host time spent inside the pruning plan's protocol methods (incl. any device sync they do), per call."""
+
+    def __init__(self):
+        from vla_accel.prune.plan import PrunePlan
+
+        super().__init__([(PrunePlan, n) for n in ("before_layer", "score_rows", "on_scores")])
 
     def take_ms(self) -> float:
-        ms, self.total = self.total * 1e3, 0.0
+        """ms since the last take_ms, then zero."""
+        ms = sum(self.ms.values())
+        self.ms.clear()
         return ms
 
 

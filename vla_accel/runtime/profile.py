@@ -192,42 +192,13 @@ def gemm_split_ops(runner) -> dict:
     return res
 
 
-class MethodTimer:
-    """Host time per call site during a run: wraps named methods of classes (own time incl. anything they wait
-    for; nested wrapped methods are counted in both)."""
-
-    def __init__(self, targets):
-        self.targets, self.orig, self.ms, self.calls = targets, [], {}, {}
-
-    def __enter__(self):
-        for cls, name in self.targets:
-            f = getattr(cls, name)
-            key = f"{cls.__name__}.{name}"
-            self.orig.append((cls, name, f))
-
-            def timed(*a, _f=f, _k=key, **k):
-                t0 = time.perf_counter()
-                try:
-                    return _f(*a, **k)
-                finally:
-                    self.ms[_k] = self.ms.get(_k, 0.0) + (time.perf_counter() - t0) * 1e3
-                    self.calls[_k] = self.calls.get(_k, 0) + 1
-
-            setattr(cls, name, timed)
-        return self
-
-    def __exit__(self, *exc):
-        for cls, name, f in self.orig:
-            setattr(cls, name, f)
-
-
 def host_breakdown(policy, runner, cfg, trace, steps, dev) -> dict:
     """ms per (d) query spent in the plan's and the runner's host methods (no profiler attached)."""
     from vla_accel.prune.plan import PrunePlan
     from vla_accel.runtime.graphs import GraphCache
     from vla_accel.runtime.runner import AccelRunner
 
-    from .bench import run_specprune
+    from .bench import MethodTimer, run_specprune
 
     targets = [(PrunePlan, n) for n in ("before_layer", "score_rows", "on_scores", "_read", "_flush", "_apply",
                                         "_static_stage", "_scores", "_update_importance", "__init__", "summary")]
@@ -240,6 +211,13 @@ def host_breakdown(policy, runner, cfg, trace, steps, dev) -> dict:
            for k, v in sorted(t.ms.items(), key=lambda kv: -kv[1])}
     out["_latency_ms_median"] = float(np.median(run["lat"]))
     return out
+
+
+def write_ops(out: Path, runner) -> None:
+    """ops.json: the towers' ops, the backbone attention and the N = 4096 GEMMs with their alternatives."""
+    ops = {"vision": vision_ops(runner), "backbone_attention": attention_ops(runner),
+           "gemm_split": gemm_split_ops(runner)}
+    (out / "ops.json").write_text(json.dumps(ops, indent=1) + "\n")
 
 
 def graph_time_us(fn, reps: int = 20) -> float:
@@ -358,9 +336,7 @@ def main(argv=None):
     summary: dict = {"runtime": runner.describe()}
 
     if a.ops_only:
-        (out / "ops.json").write_text(json.dumps({"vision": vision_ops(runner), "backbone_attention":
-                                                  attention_ops(runner), "gemm_split": gemm_split_ops(runner)},
-                                                 indent=1) + "\n")
+        write_ops(out, runner)
         return
     inputs = [policy.prepare([observations(trace, t)], [trace["instruction"]])
               for t in range(min(8, len(trace["state"])))]
@@ -422,9 +398,7 @@ def main(argv=None):
         if not cuda:
             raise RuntimeError("op micro-timings need CUDA graphs (GPU only)")
         summary["ops_note"] = "see ops.json"
-        (out / "ops.json").write_text(json.dumps({"vision": vision_ops(runner), "backbone_attention":
-                                                  attention_ops(runner), "gemm_split": gemm_split_ops(runner)},
-                                                 indent=1) + "\n")
+        write_ops(out, runner)
     except Exception as err:  # noqa: BLE001
         import traceback
 
