@@ -27,6 +27,7 @@ import torch
 
 from . import attention_kernel as _k
 from .calibrate import default_safe_range
+from .gemm import config_fields
 
 LOG2E = 1.4426950408889634
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -51,13 +52,8 @@ class AttentionConfig:
 
     @staticmethod
     def parse(name: str) -> "AttentionConfig":
-        head, _, body = name.partition(":")
-        try:
-            fields = {p.rstrip("0123456789"): int(p[len(p.rstrip("0123456789")):]) for p in body.split(".")}
-            if head != "attn" or sorted(fields) != ["bm", "bn", "s", "w"]:
-                raise ValueError
-        except ValueError:
-            raise ValueError(f"bad attention config name '{name}': expected e.g. 'attn:bm64.bn64.w4.s3'") from None
+        fields = config_fields(name, "attn", ("bm", "bn", "w", "s"), what="attention",
+                               example="attn:bm64.bn64.w4.s3")
         return AttentionConfig(fields["bm"], fields["bn"], fields["w"], fields["s"])
 
 

@@ -48,7 +48,7 @@ class GemmConfig:
 
     @staticmethod
     def parse(name: str) -> "GemmConfig":
-        fields = _parse_fields(name, "flat", ("bn", "bm", "bk", "w", "s", "k"))
+        fields = config_fields(name, "flat", ("bn", "bm", "bk", "w", "s", "k"))
         return GemmConfig(fields["bn"], fields["bm"], fields["bk"], fields["w"], fields["s"], fields["k"])
 
 
@@ -65,11 +65,14 @@ class GemvConfig:
 
     @staticmethod
     def parse(name: str) -> "GemvConfig":
-        fields = _parse_fields(name, "gemv", ("bn", "bk", "w"))
+        fields = config_fields(name, "gemv", ("bn", "bk", "w"))
         return GemvConfig(fields["bn"], fields["bk"], fields["w"])
 
 
-def _parse_fields(name: str, family: str, keys: tuple[str, ...]) -> dict[str, int]:
+def config_fields(name: str, family: str, keys: tuple[str, ...], what: str = "kernel",
+                  example: str | None = None) -> dict[str, int]:
+    """A kernel config name "family:key1N.key2N..." -> {key: N}; ValueError unless it has exactly `keys`, each a
+    positive integer (shared by the GEMM, GEMV and attention configs)."""
     head, _, body = name.partition(":")
     parts = body.split(".") if body else []
     fields = {}
@@ -77,8 +80,8 @@ def _parse_fields(name: str, family: str, keys: tuple[str, ...]) -> dict[str, in
         key = part.rstrip("0123456789")
         fields[key] = int(part[len(key):]) if part[len(key):] else -1
     if head != family or sorted(fields) != sorted(keys) or min(fields.values(), default=0) <= 0:
-        example = family + ":" + ".".join(f"{k}16" for k in keys)
-        raise ValueError(f"bad kernel config name '{name}': expected e.g. '{example}'")
+        example = example or family + ":" + ".".join(f"{k}16" for k in keys)
+        raise ValueError(f"bad {what} config name '{name}': expected e.g. '{example}'")
     return fields
 
 

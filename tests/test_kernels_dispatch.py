@@ -176,6 +176,8 @@ def test_choose_attention_and_roundtrip(tmp_path):
     assert AttentionConfig.parse(big) == AttentionConfig(64, 64, 4, 3)
     with pytest.raises(ValueError, match="bad attention config name"):
         DispatchTable(attention={"d128": [(64, "attn:bm64")]})
+    with pytest.raises(ValueError, match="bad attention config name"):  # tile sizes must be positive
+        AttentionConfig.parse("attn:bm0.bn64.w4.s3")
 
 
 def test_linear_residual_inplace_cublas():

@@ -20,7 +20,6 @@ import argparse
 import cProfile
 import io
 import json
-import math
 import pstats
 import time
 from pathlib import Path
