@@ -14,6 +14,7 @@ import torch
 
 import vla_accel
 from vla_accel.runtime import AccelRunner, RuntimeConfig, RuntimeConfigError, hook_segments, make_executor
+from vla_accel.runtime.bench import WordTokenizer, prune_config
 from vla_accel.runtime.plan import KeepPlan
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -23,6 +24,15 @@ PROMPT_LENS = [[31], [31, 24], [12, 31, 27], [20, 20]]  # single, ragged, odd ba
 @pytest.fixture(scope="module")
 def policy():
     return vla_accel.random_policy("tiny", device="cpu", dtype=torch.float32, seed=0)
+
+
+def tiny_policy(runtime=None):
+    """A fresh tiny random policy with the word-level stand-in tokenizer, on `runtime` (None: the plain model)."""
+    pol = vla_accel.random_policy("tiny", device="cpu", dtype=torch.float32, seed=0)
+    pol.tokenizer = WordTokenizer()
+    if runtime is not None:
+        make_executor(pol, runtime)
+    return pol
 
 
 def inputs(lens, seed=0):
@@ -196,20 +206,14 @@ def test_undeclared_change_inside_segment_fails(policy):
 
 def test_specprune_same_decisions_and_actions():
     """SpecPrune (the pruning package's actor) on the accel executor == on the reference executor."""
-    import yaml
-
     from vla_accel.prune import make_actor
-    from vla_accel.runtime.bench import WordTokenizer
 
-    cfg = yaml.safe_load(open(__import__("vla_accel.configs").configs.__path__[0] + "/prune/specprune.yaml"))
+    cfg = prune_config(None)  # configs/prune/specprune.yaml
     rng = np.random.default_rng(0)
     frames = [rng.integers(0, 255, (2, 64, 64, 3), dtype=np.uint8) for _ in range(3)]
     actors = []
     for accel in (False, True):
-        pol = vla_accel.random_policy("tiny", device="cpu", dtype=torch.float32, seed=0)
-        pol.tokenizer = WordTokenizer()
-        if accel:
-            make_executor(pol, {"name": "accel"})
+        pol = tiny_policy({"name": "accel"} if accel else None)
         actors.append(make_actor(pol, cfg))
     for t, f in enumerate(frames):
         obs = [{"full_image": f[0], "wrist_image": f[1], "state": np.zeros(8)}] * 2
@@ -228,16 +232,10 @@ def test_specprune_ragged_batch_uses_host_counts():
     """Ragged SpecPrune batch (prompts of different lengths): the runner packs each pruned layer from the plan's
     host counts (PrunePlan.kept_counts, no device read); they equal the key masks, and actions equal the
     reference's under the same decisions."""
-    import yaml
-
     from vla_accel.prune import make_actor
-    from vla_accel.runtime.bench import WordTokenizer
-    from vla_accel.runtime.plan import KeepPlan
 
-    cfg = yaml.safe_load(open(__import__("vla_accel.configs").configs.__path__[0] + "/prune/specprune.yaml"))
-    pol = vla_accel.random_policy("tiny", device="cpu", dtype=torch.float32, seed=0)
-    pol.tokenizer = WordTokenizer()
-    make_executor(pol, {"name": "accel"})
+    cfg = prune_config(None)  # configs/prune/specprune.yaml
+    pol = tiny_policy({"name": "accel"})
     runner = pol.executor
     actor = make_actor(pol, cfg)
     rng = np.random.default_rng(3)
@@ -268,21 +266,16 @@ def test_specprune_kernel_scores_same_decisions(texts):
     """SpecPrune with the attention kernel's key mass (runtime.scores=kernel, Triton interpreter on CPU): the
     same token sets and actions as the reference executor. One stream: the score rows are selected from the
     plan's host rows (no device ops); two streams of different prompt lengths: the device path."""
-    import yaml
-
     from vla_accel.prune import make_actor
-    from vla_accel.runtime.bench import WordTokenizer
 
-    cfg = yaml.safe_load(open(__import__("vla_accel.configs").configs.__path__[0] + "/prune/specprune.yaml"))
+    cfg = prune_config(None)  # configs/prune/specprune.yaml
     rng = np.random.default_rng(5)
     obs = [{"full_image": rng.integers(0, 255, (64, 64, 3), dtype=np.uint8),
             "wrist_image": rng.integers(0, 255, (64, 64, 3), dtype=np.uint8), "state": np.zeros(8)} for _ in texts]
     res = []
     for rt in (None, {"name": "accel", "attention": "kernels", "scores": "kernel"}):
-        pol = vla_accel.random_policy("tiny", device="cpu", dtype=torch.float32, seed=0)
-        pol.tokenizer = WordTokenizer()
+        pol = tiny_policy(rt)
         if rt:
-            make_executor(pol, rt)
             assert pol.executor.ops.scores == "kernel"
         actor = make_actor(pol, cfg)
         res.append(actor.act_batch(obs, texts, list(range(len(texts)))))
@@ -294,10 +287,7 @@ def test_specprune_kernel_scores_same_decisions(texts):
 
 # ---------------------------------------------------------------- policy integration
 def test_make_executor_and_predict(policy):
-    from vla_accel.runtime.bench import WordTokenizer
-
-    pol = vla_accel.random_policy("tiny", device="cpu", dtype=torch.float32, seed=0)
-    pol.tokenizer = WordTokenizer()
+    pol = tiny_policy()
     assert make_executor(pol, {"name": "reference"}).executor is pol.model
     rng = np.random.default_rng(1)
     obs = {"full_image": rng.integers(0, 255, (128, 128, 3), dtype=np.uint8),
