@@ -220,26 +220,10 @@ def write_ops(out: Path, runner) -> None:
 
 
 def graph_time_us(fn, reps: int = 20) -> float:
-    """fn() captured `reps` times in one CUDA graph; median of 10 replays / reps (us)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    ts = []
-    for _ in range(10):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) * 1e3 / reps)
-    return float(np.median(ts))
+    """fn() captured `reps` times in one CUDA graph: median us per call over 10 replays (the kernels' timer)."""
+    from vla_accel.kernels.tune import time_graph_us
+
+    return time_graph_us(lambda i: fn(), reps, reps=10)
 
 
 def vision_ops(runner) -> dict:
