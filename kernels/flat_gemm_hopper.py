@@ -137,6 +137,85 @@ def schedule(m: int, n: int, k: int, cfg: HopperGemmConfig, num_sms: int) -> Sch
     return Schedule(programs, tiles, iters, dp_tiles, max_seg)
 
 
+# ---------------------------------------------------------------- the configurations worth timing on Hopper
+
+SMEM_LIMIT = 220 * 1024  # sm_90 allows 227 KB per block; headroom for the barriers and the epilogue's scratch
+REGS_FOR_ACC = 128  # fp32 accumulator registers per thread above which the 255-register budget spills
+# (block_m, block_n, block_k, num_warps, num_stages), widest first per height; why each is there:
+TILES = (
+    (64, 128, 64, 4, 4),  # M <= 64: one warpgroup of 64 token rows
+    (64, 256, 64, 8, 4),  # M <= 64: two warpgroups side by side along N; x re-read half as often
+    (128, 64, 64, 4, 4),  # narrow weight tiles: twice the tiles of bn128, to fill 132 SMs at N = 4096
+    (128, 128, 64, 8, 4),  # the general Hopper tile
+    (128, 128, 128, 8, 3),  # longer K steps: half the barrier round trips per byte
+    (128, 256, 64, 8, 3),  # CUTLASS's favourite: x re-read half as often as with bn128
+    (256, 128, 64, 8, 3),  # M <= 256 in one row of tiles: every weight byte leaves HBM once
+)
+WS_TILES = ((128, 128, 64, 4, 3), (128, 64, 64, 4, 4))  # warp-specialised: num_warps 4 (-> 12 warps)
+POINTER_TILES = ((128, 128, 64, 8, 4),)  # the same tile without TMA: what the copy engine buys
+SPLITS = (2, 3, 4, 6, 8)
+
+
+def _token_heights(m: int) -> tuple[int, ...]:
+    if m <= 64:
+        return (64,)
+    if m <= 128:
+        return (64, 128)
+    return (128, 256)
+
+
+def _fits(tile: tuple[int, int, int, int, int], gated: bool, consumer_warps: int | None = None) -> int:
+    """num_stages that fit the shared memory (0: fewer than 3 fit, or the accumulators would spill). Two stages
+    cannot hide HBM latency behind one tile step's MMAs (the gated 128x128x128 tile is the case: it also spills)."""
+    bm, bn, bk, warps, stages = tile
+    if bm * bn * (2 if gated else 1) > REGS_FOR_ACC * 32 * (consumer_warps or warps):
+        return 0
+    per_stage = (bm + bn * (2 if gated else 1)) * bk * 2
+    stages = min(stages, SMEM_LIMIT // per_stage)
+    return stages if stages >= 3 else 0
+
+
+def candidates(m: int, n: int, k: int, *, gated: bool = False, num_sms: int = 132) -> list[HopperGemmConfig]:
+    """Configurations worth timing for an [m, k] x [n, k]^T product (n: output columns, the gate width when gated).
+
+    Per tile: data-parallel; stream-K (one program per SM, two for 4-warp tiles that leave room for a second);
+    the split-K factor whose grid fills the last wave best (when the tiles alone leave SMs idle). Plus the
+    warp-specialised persistent tiles and one pointer-load tile.
+    """
+    out: list[HopperGemmConfig] = []
+    heights = _token_heights(m)
+    for tile in TILES:
+        bm, bn, bk, warps, _ = tile
+        stages = _fits(tile, gated)
+        if bm not in heights or not stages:
+            continue
+        base = HopperGemmConfig(bm, bn, bk, warps, stages)
+        out += [base, HopperGemmConfig(bm, bn, bk, warps, stages, stream_k=1)]
+        if warps == 4 and base.smem_bytes(gated) <= SMEM_LIMIT // 2:
+            out.append(HopperGemmConfig(bm, bn, bk, warps, stages, stream_k=2))
+        tiles = _cdiv(m, bm) * _cdiv(n, bn)
+        iters = _cdiv(k, bk)
+        if tiles < 1.5 * num_sms:
+            def fill(s: int) -> float:  # busy fraction of the SMs over the split grid's waves
+                return tiles * s / (_cdiv(tiles * s, num_sms) * num_sms)
+            splits = [s for s in SPLITS if iters // s >= 8]
+            if splits:
+                best = max(splits, key=lambda s: (round(fill(s), 2), -s))
+                out.append(HopperGemmConfig(bm, bn, bk, warps, stages, split_k=best))
+    for tile in WS_TILES:
+        bm, bn, bk, warps, _ = tile
+        stages = _fits(tile, gated, consumer_warps=8)
+        if bm in heights and stages:
+            out.append(HopperGemmConfig(bm, bn, bk, warps, stages, warp_spec=True))
+    for tile in POINTER_TILES:
+        bm, bn, bk, warps, _ = tile
+        stages = _fits(tile, gated)
+        if bm in heights and stages:
+            out += [HopperGemmConfig(bm, bn, bk, warps, stages, tma=False),
+                    HopperGemmConfig(bm, bn, bk, warps, stages, stream_k=1, tma=False)]
+    return out
+
+
 def _check(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
            out: torch.Tensor | None, gated: bool) -> tuple[torch.Tensor, int, int, int]:
     if x.dim() != 2 or w.dim() != 2:
@@ -179,7 +258,10 @@ def _descriptor(t: torch.Tensor, block: list[int]):
 
 # Tile counters of the in-kernel reduction, one zeroed int32 buffer per (device, stream): every launch leaves
 # them at zero, so launches in one stream may share a buffer; launches that can overlap (other streams) may not.
+# A buffer outgrown by a larger launch stays allocated (_RETIRED): a captured CUDA graph may still point at it.
 _COUNTERS: dict[tuple[str, int], torch.Tensor] = {}
+_RETIRED: list[torch.Tensor] = []
+_MIN_COUNTERS = 1 << 16  # more stream-K tiles than any shape here has (the backbone's largest: 12 x 344)
 
 
 def _counters(device: torch.device, n: int) -> torch.Tensor:
@@ -190,9 +272,11 @@ def _counters(device: torch.device, n: int) -> torch.Tensor:
         return buf
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         # inside a graph capture a fresh buffer is zeroed by the graph itself on every replay; it cannot be cached
-        # (eager launches would find it uninitialised)
+        # (eager launches would find it uninitialised). Warm up on the capture stream to avoid the memset node.
         return torch.zeros(n, dtype=torch.int32, device=device)
-    buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+    if buf is not None:
+        _RETIRED.append(buf)
+    buf = torch.zeros(max(n, _MIN_COUNTERS), dtype=torch.int32, device=device)
     _COUNTERS[key] = buf
     return buf
 
@@ -223,7 +307,8 @@ def flat_gemm_hopper(x: torch.Tensor, w: torch.Tensor, *, bias: torch.Tensor | N
     w_gate, w_up = (w[:n], w[n:]) if gated else (w, w)
     sched = schedule(m, n, k, cfg, num_sms or _num_sms(x.device))
     if cfg.tma:
-        bad = [label for label, t in (("x", x), ("w", w_gate), ("w (up rows)", w_up)) if not tma_ok(t)]
+        operands = (("x", x), ("w", w_gate)) + ((("w's up rows", w_up),) if gated else ())
+        bad = [label for label, t in operands if not tma_ok(t)]
         if bad:
             raise ValueError(f"flat_gemm_hopper: config {cfg.name} loads through TMA, which needs 16-byte aligned "
                              f"rows (K * itemsize % 16 == 0, aligned base); {', '.join(bad)} is not; "

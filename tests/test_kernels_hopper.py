@@ -19,8 +19,8 @@ import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from vla_accel.kernels import flat_gemm_hopper_kernel  # noqa: E402
-from vla_accel.kernels.flat_gemm_hopper import (HopperGemmConfig, flat_gemm_hopper, schedule,  # noqa: E402
-                                                tma_ok)
+from vla_accel.kernels.flat_gemm_hopper import (REGS_FOR_ACC, SMEM_LIMIT, HopperGemmConfig,  # noqa: E402
+                                                candidates, flat_gemm_hopper, schedule, tma_ok)
 
 # If triton was imported in this process before the variable was set, its kernels are compiled, not interpreted,
 # and cannot run on the CPU: the module's tests then run in a fresh process (test_in_fresh_process).
@@ -151,6 +151,29 @@ def test_schedule_modes():
     sp = schedule(208, 4096, 4096, HopperGemmConfig(128, 128, 64, 8, 4, split_k=40), 132)
     assert sp.programs == 64 * 40  # split capped at the 64 K iterations: no empty programs
     assert schedule(64, 64, 100, HopperGemmConfig(64, 64, 64, 4, 2, split_k=8), 132).programs == 2
+
+
+# output columns, K, gated: the backbone's four GEMMs and two tower shapes
+CANDIDATE_SHAPES = [(12288, 4096, False), (4096, 4096, False), (11008, 4096, True), (4096, 11008, False),
+                    (4096, 1024, False), (1152, 4304, False)]
+
+
+@pytest.mark.parametrize("m", [64, 128, 208, 320, 608, 768, 4096])
+@pytest.mark.parametrize("n,k,gated", CANDIDATE_SHAPES)
+def test_candidates_fit_the_chip(n, k, gated, m):
+    cfgs = candidates(m, n, k, gated=gated, num_sms=132)
+    names = [c.name for c in cfgs]
+    assert len(names) == len(set(names)) >= 4
+    assert [HopperGemmConfig.parse(nm) for nm in names] == cfgs
+    assert any(c.stream_k for c in cfgs) and any(c.split_k == 1 and not c.stream_k for c in cfgs)
+    for c in cfgs:
+        assert c.smem_bytes(gated) <= SMEM_LIMIT and c.num_stages >= 3, c.name
+        threads = 32 * (8 if c.warp_spec else c.num_warps)  # warp-specialised: two 4-warp consumer groups
+        assert c.block_m * c.block_n * (2 if gated else 1) <= REGS_FOR_ACC * threads, c.name
+        assert c.block_m <= max(64, 1 << (m - 1).bit_length()), c.name  # no tile taller than M rounded up
+        if c.split_k > 1:
+            s = schedule(m, n, k, c, 132)
+            assert s.tiles < 1.5 * 132 and s.iters // c.split_k >= 8, c.name
 
 
 # ---------------------------------------------------------------- numerics on odd shapes
