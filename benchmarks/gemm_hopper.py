@@ -169,15 +169,18 @@ def compile_key(op: Op, cfg) -> tuple:
             cfg.num_stages, cfg.tma, cfg.warp_spec)
 
 
+COMPILE_M = 768  # the compile run's M: enough tiles that persistent programs loop (a hang shows up here, not later)
+
+
 def _compile_job(job: tuple) -> tuple[str, str | None, float]:
-    """Worker: run one (op, config) once on a small M with the real N and K; returns (key, error, seconds)."""
+    """Worker: run one (op, config) once at M = COMPILE_M with the real N and K; returns (config, error, seconds)."""
     name, n, k, epilogue, cfg_name = job
     t0 = time.time()
     try:
         import torch
         from vla_accel.kernels.flat_gemm_hopper import flat_gemm_hopper
         op = Op(name, n, k, epilogue, ())
-        x, w, bias, res = make_inputs(torch, op, 64, torch.device("cuda"), copies=1)
+        x, w, bias, res = make_inputs(torch, op, COMPILE_M, torch.device("cuda"), copies=1)
         flat_gemm_hopper(x, w[0], bias=bias, residual=res, gated=epilogue == "gated", config=cfg_name)
         torch.cuda.synchronize()
         return cfg_name, None, time.time() - t0
@@ -185,17 +188,28 @@ def _compile_job(job: tuple) -> tuple[str, str | None, float]:
         return cfg_name, f"{type(e).__name__}: {e}"[:300], time.time() - t0
 
 
-def precompile(jobs: list[tuple], workers: int) -> tuple[dict[tuple, str], float]:
-    """Compile all jobs (one per kernel variant) in `workers` spawned processes; {job: error} and wall seconds."""
+def precompile(jobs: list[tuple], workers: int, timeout_s: float) -> tuple[dict[tuple, str], float]:
+    """Compile (and run once) every job in `workers` spawned processes; {job: error} and wall seconds. A job still
+    running after timeout_s (a compiler or a kernel that hangs) is failed and its process killed with the pool."""
     import multiprocessing as mp
     t0 = time.time()
     failures = {}
     if not jobs:
         return failures, 0.0
-    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
-        for job, (_, err, _) in zip(jobs, pool.map(_compile_job, jobs)):
+    pool = mp.get_context("spawn").Pool(workers)
+    try:
+        pending = [(job, pool.apply_async(_compile_job, (job,))) for job in jobs]
+        for job, result in pending:
+            try:
+                _, err, _ = result.get(timeout=max(1.0, t0 + timeout_s - time.time()))
+            except mp.TimeoutError:
+                err = f"no result within {timeout_s:.0f} s (hung?)"
+            except Exception as e:  # noqa: BLE001 - a dead worker: that job fails, the others go on
+                err = f"{type(e).__name__}: {e}"[:300]
             if err:
                 failures[job] = err
+    finally:
+        pool.terminate()
     return failures, time.time() - t0
 
 
@@ -358,11 +372,12 @@ def print_table(result: dict) -> None:
               f"{p['cublas_plain_us']:>8.1f}{ours:>8.1f}{p['cublas_us'] / ours:>9.2f}{ours / p['floor_us']:>8.2f}  "
               f"{short(best['config']) if best else '-'}")
     s = result["summary"]
-    print(f"\nbackbone ({' + '.join(s['backbone_ops'])}), us:  M   floor  cuBLAS  ours  dispatched  speedup  "
-          "dispatched/floor  cuBLAS/floor")
+    print(f"\nsum of the backbone GEMMs ({' + '.join(s['backbone_ops'])}), us; dispatched = ours where faster by "
+          f"> {MARGIN:.0%}, else cuBLAS")
+    print(f"{'M':>5}{'floor':>9}{'cuBLAS':>9}{'ours':>9}{'dispatch':>10}{'speedup':>9}{'disp/fl':>9}{'cub/fl':>8}")
     for m, r in sorted(s["per_m"].items(), key=lambda kv: int(kv[0])):
-        print(f"{'':<41}{m:>4}{r['floor_us']:>8.1f}{r['cublas_us']:>8.1f}{r['ours_us']:>7.1f}{r['dispatch_us']:>11.1f}"
-              f"{r['speedup']:>9.2f}{r['dispatch_over_floor']:>17.2f}{r['cublas_over_floor']:>14.2f}")
+        print(f"{m:>5}{r['floor_us']:>9.1f}{r['cublas_us']:>9.1f}{r['ours_us']:>9.1f}{r['dispatch_us']:>10.1f}"
+              f"{r['speedup']:>9.2f}{r['dispatch_over_floor']:>9.2f}{r['cublas_over_floor']:>8.2f}")
     print()
     for t in s["targets"]:
         print(f"{'MET   ' if t['met'] else 'MISSED'} {t['target']}: {t['value']:.3g}")
@@ -379,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-s", type=float, default=200.0,
                     help="stop timing new candidates after this many seconds (the table still prints)")
     ap.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="compile processes")
+    ap.add_argument("--compile-timeout-s", type=float, default=120.0,
+                    help="compile phase wall limit; variants without a result by then are dropped")
     args = ap.parse_args(argv)
     if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported
@@ -448,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     compile_s = 0.0
     if not dry:
         print(f"compiling {len(jobs)} kernel variants in {args.workers} processes ...", flush=True)
-        failed, compile_s = precompile(jobs, args.workers)
+        failed, compile_s = precompile(jobs, args.workers, args.compile_timeout_s)
         for op in ops:  # a failed variant drops every config of that compile key for the ops that share it
             for m in op.ms:
                 for cfg in configs_for(op, m):

@@ -243,6 +243,9 @@ def _check(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, residual
                              f"along N; got {tuple(t.shape)} {t.dtype} on {t.device}")
     if bias is not None and (bias.shape != (n,) or bias.dtype != x.dtype or not bias.is_contiguous()):
         raise ValueError(f"flat_gemm_hopper: bias must be [{n}] {x.dtype}; got {tuple(bias.shape)} {bias.dtype}")
+    if max(m * x.stride(0), w.shape[0] * w.stride(0), m * n) >= 2**31:
+        raise ValueError(f"flat_gemm_hopper: offsets are int32; x [{m}, {k}], w {tuple(w.shape)} or the [{m}, {n}] "
+                         f"output reach 2^31 elements: split M")
     return x, m, n, k
 
 

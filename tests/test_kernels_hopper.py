@@ -302,9 +302,9 @@ REAL = {
     "down": (4096, 11008, "residual"), "dino_fc1": (4096, 1024, "bias"),
     "siglip_fc2": (1152, 4304, "bias"),  # K = 4304: not a multiple of BLOCK_K (the K tail)
 }
-GPU_CONFIGS = [
+GPU_CONFIGS = [  # one per schedule and load path, tiles the benchmark compiles too (Triton's cache is shared)
     HopperGemmConfig(128, 128, 64, 8, 4, stream_k=1),
-    HopperGemmConfig(128, 256, 64, 8, 3, split_k=2),
+    HopperGemmConfig(256, 128, 64, 8, 3, split_k=2),  # too many accumulator registers when gated: skipped there
     HopperGemmConfig(64, 128, 64, 4, 4, split_k=4),
     HopperGemmConfig(128, 128, 64, 4, 3, warp_spec=True),
     HopperGemmConfig(128, 128, 64, 8, 4, stream_k=1, tma=False),
@@ -329,6 +329,9 @@ def test_gpu_bf16_real_shapes(name, m):
         y32 = F.silu(y32[:, :n_out]) * y32[:, n_out:]
     ref = y32 + (bias.float() if bias is not None else 0) + (res.float() if res is not None else 0)
     for cfg in GPU_CONFIGS:
+        threads = 32 * (8 if cfg.warp_spec else cfg.num_warps)
+        if cfg.block_m * cfg.block_n * (2 if epilogue == "gated" else 1) > REGS_FOR_ACC * threads:
+            continue
         out = torch.full((m, n_out), float("nan"), device="cuda", dtype=torch.bfloat16)
         y = flat_gemm_hopper(x, w, bias=bias, residual=res, gated=epilogue == "gated", out=out, config=cfg)
         again = flat_gemm_hopper(x, w, bias=bias, residual=res, gated=epilogue == "gated", config=cfg)
