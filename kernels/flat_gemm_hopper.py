@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import torch
 
 from . import flat_gemm_hopper_kernel as _k
+from .gemm import _check as check_linear_args
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _FIELDS = ("bm", "bn", "bk", "w", "s", "k", "sk", "tma", "ws")
 FAMILY = "hopper"
 
@@ -218,31 +218,12 @@ def candidates(m: int, n: int, k: int, *, gated: bool = False, num_sms: int = 13
 
 def _check(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
            out: torch.Tensor | None, gated: bool) -> tuple[torch.Tensor, int, int, int]:
-    if x.dim() != 2 or w.dim() != 2:
-        raise ValueError(f"flat_gemm_hopper: x must be [M, K] and w [N, K]; got x {tuple(x.shape)}, "
-                         f"w {tuple(w.shape)}")
-    if x.dtype not in _DTYPES or w.dtype != x.dtype:
-        raise ValueError(f"flat_gemm_hopper: x and w must share one of {_DTYPES}; got {x.dtype} and {w.dtype}")
-    if x.shape[1] != w.shape[1]:
-        raise ValueError(f"flat_gemm_hopper: K mismatch, x {tuple(x.shape)} vs w {tuple(w.shape)}")
-    if x.device != w.device:
-        raise ValueError(f"flat_gemm_hopper: x on {x.device} but w on {w.device}")
-    if w.stride(1) != 1:
-        raise ValueError("flat_gemm_hopper: w must be contiguous along K (w.stride(1) == 1)")
-    if x.stride(1) != 1:
-        x = x.contiguous()
-    m, k = x.shape
-    n = w.shape[0]
-    if gated:
-        if n % 2:
-            raise ValueError(f"flat_gemm_hopper: gated weights are [2*I, K] (gate rows then up rows); got {n} rows")
-        n //= 2
-    for label, t in (("residual", residual), ("out", out)):
-        if t is not None and (t.shape != (m, n) or t.dtype != x.dtype or t.stride(1) != 1 or t.device != x.device):
-            raise ValueError(f"flat_gemm_hopper: {label} must be [{m}, {n}] {x.dtype} on {x.device}, contiguous "
-                             f"along N; got {tuple(t.shape)} {t.dtype} on {t.device}")
-    if bias is not None and (bias.shape != (n,) or bias.dtype != x.dtype or not bias.is_contiguous()):
-        raise ValueError(f"flat_gemm_hopper: bias must be [{n}] {x.dtype}; got {tuple(bias.shape)} {bias.dtype}")
+    x, m, n, k = check_linear_args(x, w, residual, bias, gated)  # the flat GEMM's contract (gemm.py)
+    if residual is not None and residual.device != x.device:
+        raise ValueError(f"flat_gemm_hopper: residual on {residual.device} but x on {x.device}")
+    if out is not None and (out.shape != (m, n) or out.dtype != x.dtype or out.stride(1) != 1 or out.device != x.device):
+        raise ValueError(f"flat_gemm_hopper: out must be [{m}, {n}] {x.dtype} on {x.device}, contiguous along N; got "
+                         f"{tuple(out.shape)} {out.dtype} on {out.device}")
     if max(m * x.stride(0), w.shape[0] * w.stride(0), m * n) >= 2**31:
         raise ValueError(f"flat_gemm_hopper: offsets are int32; x [{m}, {k}], w {tuple(w.shape)} or the [{m}, {n}] "
                          f"output reach 2^31 elements: split M")
