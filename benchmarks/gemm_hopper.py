@@ -378,6 +378,17 @@ def print_table(result: dict) -> None:
     for m, r in sorted(s["per_m"].items(), key=lambda kv: int(kv[0])):
         print(f"{m:>5}{r['floor_us']:>9.1f}{r['cublas_us']:>9.1f}{r['ours_us']:>9.1f}{r['dispatch_us']:>10.1f}"
               f"{r['speedup']:>9.2f}{r['dispatch_over_floor']:>9.2f}{r['cublas_over_floor']:>8.2f}")
+    kinds = {"timed": [], "wrong": [], "budget": [], "error": []}
+    for p in result["points"]:
+        for name, e in p["candidates"].items():
+            err = e.get("error", "")
+            kind = ("timed" if "us" in e else "wrong" if err.startswith("wrong") else
+                    "budget" if err.startswith("skipped") else "error")
+            kinds[kind].append(f"{p['op']}@{p['m']} {short(name)}: {err}")
+    print(f"\ncandidates: {len(kinds['timed'])} timed, {len(kinds['wrong'])} WRONG (rel-L2 > {REL_TOL} or NaN), "
+          f"{len(kinds['error'])} failed to compile or run, {len(kinds['budget'])} skipped (time budget)")
+    for line in (kinds["wrong"] + kinds["error"])[:12]:
+        print("  " + line[:160])
     print()
     for t in s["targets"]:
         print(f"{'MET   ' if t['met'] else 'MISSED'} {t['target']}: {t['value']:.3g}")
