@@ -11,8 +11,18 @@ On CPU the kernels run under the Triton interpreter: set TRITON_INTERPRET=1 befo
 
 from .attention import AttentionConfig, attention
 from .calibrate import SoftmaxCalibration, calibrate_phi, default_safe_range, row_logsumexp
-from .dispatch import (DispatchTable, build_rules, choose, choose_attention, default_table, gate_up_silu, linear,
-                       linear_residual, load_table, run_impl)
+from .dispatch import (
+                       DispatchTable,
+                       build_rules,
+                       choose,
+                       choose_attention,
+                       default_table,
+                       gate_up_silu,
+                       linear,
+                       linear_residual,
+                       load_table,
+                       run_impl,
+)
 from .gemm import GemmConfig, GemvConfig, flat_gemm, gemv
 from .reference import attention_reference, gate_up_silu_reference, linear_reference
 

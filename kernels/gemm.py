@@ -87,13 +87,11 @@ def config_fields(name: str, family: str, keys: tuple[str, ...], what: str = "ke
 
 def default_gemm_config(m: int, n: int, k: int, *, gated: bool = False, num_sms: int = 132) -> GemmConfig:
     """A reasonable untuned configuration (the tuned table overrides it)."""
+    stages = 3 if gated else 4
     if m <= 64:
-        bm = max(16, _next_pow2(m))
-        cfg = GemmConfig(block_n=64, block_m=bm, block_k=128, num_warps=4, num_stages=4 if not gated else 3)
-    elif m <= 128:
-        cfg = GemmConfig(block_n=128, block_m=128, block_k=64, num_warps=8, num_stages=4 if not gated else 3)
+        cfg = GemmConfig(block_n=64, block_m=max(16, _next_pow2(m)), block_k=128, num_warps=4, num_stages=stages)
     else:
-        cfg = GemmConfig(block_n=128, block_m=128, block_k=64, num_warps=8, num_stages=4 if not gated else 3)
+        cfg = GemmConfig(block_n=128, block_m=128, block_k=64, num_warps=8, num_stages=stages)
     return GemmConfig(cfg.block_n, cfg.block_m, cfg.block_k, cfg.num_warps, cfg.num_stages,
                       auto_split_k(m, n, k, cfg, num_sms))
 

@@ -379,7 +379,8 @@ def profile_attention(l_grid: list[int], configs: list[str], dtype: torch.dtype,
                     if not err < 2e-2:  # bf16 rounding gives ~2.4e-3; larger means a broken configuration
                         log(f"  attention L={length} {batch_name} {name}: rel err {err:.3g}, dropped")
                         continue
-                    times[name] = time_graph_us(lambda i, name=name: attention(q, k, v, cu, length, config=name), 20)
+                    times[name] = time_graph_us(
+                        lambda i, q=q, k=k, v=v, name=name: attention(q, k, v, cu, length, config=name), 20)
                 except Exception as e:  # noqa: BLE001 - a failing config is reported and skipped
                     log(f"  attention L={length} {batch_name} {name}: {type(e).__name__}: {str(e)[:200]}")
             sdpa = {}

@@ -9,12 +9,10 @@ import torch
 if not torch.cuda.is_available():  # Triton's interpreter must be chosen before triton is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from vla_accel.kernels import (DispatchTable, GemmConfig, GemvConfig, build_rules, calibrate_phi, choose,  # noqa: E402
-                               load_table)
+from vla_accel.kernels import DispatchTable, GemmConfig, GemvConfig, build_rules, calibrate_phi, choose, load_table  # noqa: E402
 from vla_accel.kernels.calibrate import SoftmaxCalibration, default_safe_range  # noqa: E402
 from vla_accel.kernels.dispatch import gpu_slug  # noqa: E402
-from vla_accel.kernels.tune import (candidates, compile_jobs, compile_signature, llm_dims_from_hf,  # noqa: E402
-                                    model_linear_shapes)
+from vla_accel.kernels.tune import candidates, compile_jobs, compile_signature, llm_dims_from_hf, model_linear_shapes  # noqa: E402
 
 FLAT_S = GemmConfig(64, 16, 128, 4, 4, 4).name
 FLAT_L = GemmConfig(128, 128, 64, 8, 4, 1).name

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from vla_accel.prune.config import LayerSchedule
+from vla_accel.prune.config import DynamicConfig, LayerSchedule, StaticConfig
 from vla_accel.prune.flops import backbone_flops
 from vla_accel.prune.plan import Dims, PrunePlan, to_device
 from vla_accel.prune.static import CHANGED, GLOBAL, LOCAL, descending_order
@@ -156,7 +156,8 @@ def ranks_per_camera(scores: torch.Tensor, n_cams: int) -> torch.Tensor:
     return order_and_ranks(scores, n_cams)[1]
 
 
-def topk_per_camera(scores: torch.Tensor, k: torch.Tensor, n_cams: int, ranks: torch.Tensor | None = None) -> torch.Tensor:
+def topk_per_camera(scores: torch.Tensor, k: torch.Tensor, n_cams: int,
+                    ranks: torch.Tensor | None = None) -> torch.Tensor:
     """scores [B, n_vis] (-inf = absent), k [B, n_cams] long -> bool [B, n_vis]: the top k[b, c] present
     slots of camera c (fewer when fewer are present). ranks: `ranks_per_camera(scores, n_cams)` if known."""
     B, n_vis = scores.shape

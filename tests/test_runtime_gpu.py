@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from vla_accel.checkpoint import build_model, init_random_
-from vla_accel.model.config import KNOWN_TOWERS, DINO_ID, SIGLIP_ID, LlamaConfig, OFTConfig
+from vla_accel.model.config import DINO_ID, KNOWN_TOWERS, SIGLIP_ID, LlamaConfig, OFTConfig
 from vla_accel.runtime import AccelRunner, GraphCaptureError, RuntimeConfig
 from vla_accel.runtime.plan import KeepPlan
 
@@ -120,7 +120,8 @@ def test_accel_pruned_ragged_batch(model):
         cur = []
         for p in prev:
             vis, non = p[(p >= 1) & (p <= 512)], p[(p < 1) | (p > 512)]
-            cur.append(torch.cat([non, vis[torch.randperm(len(vis), generator=g)[:int(len(vis) * frac)]]]).sort().values)
+            pick = torch.randperm(len(vis), generator=g)[:int(len(vis) * frac)]
+            cur.append(torch.cat([non, vis[pick]]).sort().values)
         width = max(len(c) for c in cur)
         pos = torch.zeros(3, width, dtype=torch.long)
         mask = torch.zeros(3, width, dtype=torch.bool)

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import vla_accel
+from benchmarks.e2e import WordTokenizer, prune_config
 from vla_accel.runtime import AccelRunner, RuntimeConfig, RuntimeConfigError, hook_segments, make_executor
-from vla_accel.runtime.bench import WordTokenizer, prune_config
 from vla_accel.runtime.plan import KeepPlan
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -65,7 +65,8 @@ def random_keep_plan(lens, layers_fracs, seed=1):
         cur = []
         for p in prev:
             vis, non = p[(p >= 1) & (p <= 512)], p[(p < 1) | (p > 512)]
-            cur.append(torch.cat([non, vis[torch.randperm(len(vis), generator=g)[:int(len(vis) * frac)]]]).sort().values)
+            pick = torch.randperm(len(vis), generator=g)[:int(len(vis) * frac)]
+            cur.append(torch.cat([non, vis[pick]]).sort().values)
         width = max(len(c) for c in cur)
         pos = torch.zeros(len(lens), width, dtype=torch.long)
         mask = torch.zeros(len(lens), width, dtype=torch.bool)

@@ -46,13 +46,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._device import to_device_async as to_device, to_host_async  # pinned staging, non-blocking copies
+from .._device import (
+    to_device_async as to_device,  # pinned staging, non-blocking copies
+    to_host_async,
+)
 from . import dynamic as dyn
 from .config import DynamicConfig, LayerSchedule, StaticConfig
 from .flops import backbone_flops
 from .scores import query_window, window_rows
-from .static import (CHANGED, GLOBAL, LOCAL, changed_with_cap, ranks_per_camera, rule_codes, static_keep,
-                     topk_per_camera)
+from .static import CHANGED, GLOBAL, LOCAL, changed_with_cap, ranks_per_camera, rule_codes, static_keep, topk_per_camera
 
 
 @dataclass

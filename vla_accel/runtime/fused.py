@@ -215,7 +215,7 @@ class Ops:
             dp = 1 << (d - 1).bit_length()  # zero-pad the head dim to a power of two: q.k and p @ v unchanged
             qp, kp, vp = (F.pad(t, (0, dp - d)) for t in (q, k, v))
             return self.K.attention(qp, kp, vp, cu, max_seqlen, sm_scale=1.0 / math.sqrt(d))[..., :d]
-        if backend in ("flash", "kernels") and flash_varlen_available(q.device):
+        if backend == "flash":  # (Ops checked at construction that FA2 varlen is available)
             return torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, max_seqlen, max_seqlen, 0.0, False,
                                                            False, scale=1.0 / math.sqrt(q.shape[-1]))[0]
         return self._attention_sdpa(q, k, v, cu)

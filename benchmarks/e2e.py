@@ -1,7 +1,7 @@
 """End-to-end benchmark: a recorded LIBERO trace through the OFT policy on five executors.
 
-    vla-accel-bench e2e --trace .devcarry/libero_spatial_t0.npz --out benchmarks/results/e2e
-    vla-accel-bench e2e --preset tiny --device cpu --steps 4 --allow-short      # smoke run, no GPU
+    python -m benchmarks.e2e --trace .devcarry/libero_spatial_t0.npz --out benchmarks/results/e2e
+    python -m benchmarks.e2e --preset tiny --device cpu --steps 4 --allow-short      # smoke run, no GPU
 
 Per step of the trace (real simulator frames, both cameras) one policy call `predict_from_inputs` (the
 image pre-processing, identical for all, is done before and not timed), configurations:
@@ -138,6 +138,43 @@ def rel(a, b) -> float:
     return float((a - b).norm() / b.norm().clamp(min=1e-30))
 
 
+TARGETS = Path(__file__).with_name("targets.json")
+
+
+def load_targets(path: str | os.PathLike | None = None) -> list[dict]:
+    """The e2e targets (data: benchmarks/targets.json); each {name, ratio: [figure, figure], at_most | at_least}."""
+    path = Path(path) if path else TARGETS
+    targets = json.loads(path.read_text())["e2e"]
+    for t in targets:
+        if not isinstance(t.get("name"), str) or len(t.get("ratio", ())) != 2 or \
+                sum(k in t for k in ("at_most", "at_least")) != 1:
+            raise ValueError(f"{path}: target {t!r} needs a name, ratio: [figure, figure] and one of at_most / "
+                             f"at_least")
+    return targets
+
+
+def figure(configs: dict, path: str):
+    """'d.latency_ms.median' -> configs['d']['latency_ms']['median'], or None when absent."""
+    x = configs
+    for part in path.split("."):
+        if not isinstance(x, dict) or x.get(part) is None:
+            return None
+        x = x[part]
+    return x
+
+
+def check_targets(configs: dict, targets: list[dict]) -> dict:
+    """{name: {"ratio", "met"}} for every target whose two figures were measured."""
+    out = {}
+    for t in targets:
+        num, den = (figure(configs, p) for p in t["ratio"])
+        if num is None or not den:
+            continue
+        r = num / den
+        out[t["name"]] = {"ratio": r, "met": r <= t["at_most"] if "at_most" in t else r >= t["at_least"]}
+    return out
+
+
 # ---------------------------------------------------------------------------- inputs
 def load_trace_npz(path: str) -> dict:
     try:
@@ -157,8 +194,9 @@ def observations(trace: dict, idx: int) -> dict:
 
 
 def cache_prepare(policy) -> None:
-    """Memoizes policy.prepare per observation: the image pre-processing (JPEG + Lanczos, ~11 ms per step
-    of two 256 px frames on a 2-core host) is identical for every configuration and not timed, so the trace pays it once per frame."""
+    """Memoizes policy.prepare per observation: the image pre-processing (JPEG + Lanczos, ~11 ms per step of two
+    256 px frames on a 2-core host) is identical for every configuration and not timed, so the trace pays it once
+    per frame."""
     orig, memo = policy.prepare, {}
 
     def key(obs, text):
@@ -319,7 +357,7 @@ def fp32_forward(model, args, hook=None):
 
 # ---------------------------------------------------------------------------- main
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="vla-accel-bench e2e", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.e2e", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trace", default=".devcarry/libero_spatial_t0.npz", help="trace .npz (vla_accel.envs.trace)")
     p.add_argument("--steps", type=int, default=64, help="consecutive trace steps (>= 50 unless --allow-short)")
@@ -342,6 +380,7 @@ def parse_args(argv):
     p.add_argument("--memory-limit-gb", type=float, default=24.0,
                    help="CUDA: cap the caching allocator at this many GiB while the model is built and (c)/(d)/(e) "
                         "run (torch.cuda.set_per_process_memory_fraction); 0 = no cap")
+    p.add_argument("--targets", default=None, help="targets JSON (default benchmarks/targets.json)")
     p.add_argument("--out", default=None, help="folder for e2e.json / e2e.md")
     p.add_argument("--commit", default=os.environ.get("VLA_COMMIT", ""), help="git commit benchmarked")
     return p.parse_args(argv)
@@ -352,7 +391,8 @@ def main(argv=None) -> dict:
     import vla_accel
     from vla_accel.runtime import AccelRunner, RuntimeConfig
     from vla_accel.runtime.plan import KeepPlan
-    from vla_accel.runtime.roofline import floors
+
+    from .roofline import floors
 
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     bad = [c for c in configs if c not in CONFIGS]
@@ -493,7 +533,7 @@ def main(argv=None) -> dict:
             record("b", run, [[n_tok] * L])
     if "a" in configs:
         try:
-            from vla_accel.runtime.stock import StockExecutor
+            from .stock import StockExecutor
 
             stock = StockExecutor(model)
             run = run_plain(policy, SplitExecutor(model, lambda seq, hook: (stock.backbone(seq), seq.key_mask)),
@@ -555,23 +595,7 @@ def main(argv=None) -> dict:
                        "pass": max(errs) <= tol, "how": "same pruning decisions replayed through the reference"}
 
     # ---- targets, environment, output
-    cf = results["configs"]
-    tg = {}
-    if "c" in cf:
-        tg["c_le_1.3x_floor"] = {"ratio": cf["c"]["ratio_to_floor"], "met": cf["c"]["ratio_to_floor"] <= 1.3}
-    if "d" in cf:
-        r = cf["d"]["latency_ms"]["median"] / cf["d"]["floor_at_mean_tokens_ms"]
-        tg["d_le_1.3x_floor_at_mean_tokens"] = {"ratio": r, "met": r <= 1.3}
-        if "d'" in cf:
-            r = cf["d'"]["latency_ms"]["median"] / cf["d"]["floor_at_mean_tokens_ms"]
-            tg["d_executor_only_ratio_to_floor (diagnostic)"] = {"ratio": r, "met": r <= 1.3}
-    if "d" in cf and "a" in cf:
-        s = cf["a"]["latency_ms"]["median"] / cf["d"]["latency_ms"]["median"]
-        tg["d_ge_4x_faster_than_a"] = {"speedup": s, "met": s >= 4.0}
-    if "d" in cf and "e" in cf:
-        s = cf["e"]["chunks_per_s"] / cf["d"]["chunks_per_s"]
-        tg["e_ge_4x_chunks_per_s_of_d"] = {"ratio": s, "met": s >= 4.0}
-    results["targets"] = tg
+    results["targets"] = check_targets(results["configs"], load_targets(args.targets))
     results["memory"] = mem
     results["env"] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
@@ -612,7 +636,8 @@ def markdown(res: dict) -> str:
              f"device: {env['device']} | date: {env['date']} | commit: {env['commit'] or '?'} | torch {env['torch']}"
              f" | triton {env['triton']} | trace: {env['steps']} steps of {env.get('trace_meta') or env['trace']}", "",
              "| configuration | chunk median ms | p90 ms | vision ms | backbone ms | head ms | pruning plan (host) ms "
-             "| backbone tokens | floor ms | median / floor | chunks/s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| backbone tokens | floor ms | median / floor | chunks/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def f(x, nd=2):
         return "-" if x is None else f"{x:.{nd}f}"
@@ -623,8 +648,9 @@ def markdown(res: dict) -> str:
         floor = r.get("floor_at_mean_tokens_ms", r["floor_ms"])
         cps = r.get("chunks_per_s") or (1e3 / lat["median"] if lat["median"] else None)
         label = r["label"] + (f" {r['runtime']}" if "runtime" in r else "")
+        hook_ms = (r.get("hook_host_ms") or {}).get("median")
         lines.append(f"| {label} | {f(lat['median'])} | {f(lat['p90'])} | {f(sp.get('vision'))} | "
-                     f"{f(sp.get('backbone'))} | {f(sp.get('head'))} | {f((r.get('hook_host_ms') or {}).get('median'))} | "
+                     f"{f(sp.get('backbone'))} | {f(sp.get('head'))} | {f(hook_ms)} | "
                      f"{f(r['tokens_mean'], 1)} | {f(floor)} | "
                      f"{f(lat['median'] / floor if lat['median'] else None)} | {f(cps, 1)} |")
     lines += ["", "Targets:"]
@@ -634,7 +660,8 @@ def markdown(res: dict) -> str:
     for k, v in res.get("checks", {}).items():
         lines.append(f"- {k}: {json.dumps(v, default=lambda x: round(x, 5) if isinstance(x, float) else str(x))}")
     if res.get("memory"):
-        lines.append(f"\nMemory (GiB): {json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in res['memory'].items()})}")
+        mem = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in res["memory"].items()}
+        lines.append(f"\nMemory (GiB): {json.dumps(mem)}")
     if res.get("errors"):
         lines.append(f"\nErrors in: {sorted(res['errors'])} (tracebacks in e2e.json)")
     return "\n".join(lines)

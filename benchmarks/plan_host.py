@@ -1,6 +1,6 @@
 """Host time of the pruning plan per forward, on CPU, without a model.
 
-    python -m vla_accel.prune.hostbench --layout tiny 7b --batch 1 8
+    python -m benchmarks.plan_host --layout tiny 7b --batch 1 8
 
 The plan only sees key mass [B, S] and hidden states [B, S, D]: a minimal executor feeds it synthetic key mass
 (random, continuous) of the real token layout (2 x 256 patches, ~35-token prompts, ragged over a batch; 10 % to
@@ -22,8 +22,8 @@ import numpy as np
 import torch
 import yaml
 
-from .config import SpecPruneConfig, yaml_path
-from .plan import Dims, plan_for_batch
+from vla_accel.prune.config import SpecPruneConfig, yaml_path
+from vla_accel.prune.plan import Dims, plan_for_batch
 
 LAYOUTS = {  # name -> (layers, hidden, intermediate) of the model (the FLOPs in summary())
     "tiny": (8, 64, 172),

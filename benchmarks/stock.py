@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import torch
 
-from ..model.oft import OpenVLAOFT
+from vla_accel.model.oft import OpenVLAOFT
 
 
 def hf_llama(model: OpenVLAOFT):
     """transformers.LlamaModel over the model's own backbone tensors (assign, no copy), SDPA attention."""
-    from .._compat import hide_unloadable_torchvision
+    from vla_accel._compat import hide_unloadable_torchvision
 
     hide_unloadable_torchvision()
     from transformers import LlamaConfig, LlamaModel
@@ -60,7 +60,9 @@ class StockExecutor:
     def backbone(self, seq):
         """seq: OpenVLAOFT.assemble's Sequence -> final-norm hidden states [B, S, D]."""
         B, S, _ = seq.embeds.shape
-        keys = seq.key_mask if seq.key_mask is not None else torch.ones(B, S, dtype=torch.bool, device=seq.embeds.device)
+        keys = seq.key_mask
+        if keys is None:
+            keys = torch.ones(B, S, dtype=torch.bool, device=seq.embeds.device)
         mask = keys[:, None, None, :].expand(B, 1, S, S)  # bidirectional: every query sees every real key
         return self.hf(inputs_embeds=seq.embeds, attention_mask=mask, position_ids=seq.positions,
                        use_cache=False).last_hidden_state

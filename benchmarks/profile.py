@@ -1,8 +1,8 @@
 """Where the accelerated forward's time goes, on a GPU: kernels, idle gaps, the pruning plan's host path.
 
-    python -m vla_accel.runtime.profile --trace .devcarry/libero_spatial_t0.npz --out DIR     # GPU only
+    python -m benchmarks.profile --trace .devcarry/libero_spatial_t0.npz --out DIR     # GPU only
 
-The 7B architecture with random bf16 weights (as `vla-accel-bench e2e`). Writes into DIR:
+The 7B architecture with random bf16 weights (as `python -m benchmarks.e2e`). Writes into DIR:
   summary.json     per section: wall ms per call, GPU busy ms per call (union of kernel intervals), idle share
   kernels_<s>.txt  per-kernel CUDA time of the profiled calls of section s (vision / c / d / d_replay)
   host_d.txt       cProfile of the SpecPrune queries (d): the host functions by own time and cumulative time
@@ -197,7 +197,7 @@ def host_breakdown(policy, runner, cfg, trace, steps, dev) -> dict:
     from vla_accel.runtime.graphs import GraphCache
     from vla_accel.runtime.runner import AccelRunner
 
-    from .bench import MethodTimer, run_specprune
+    from .e2e import MethodTimer, run_specprune
 
     targets = [(PrunePlan, n) for n in ("before_layer", "score_rows", "on_scores", "_read", "_flush", "_apply",
                                         "_static_stage", "_scores", "_update_importance", "__init__", "summary")]
@@ -300,8 +300,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     import vla_accel
     from vla_accel.runtime import AccelRunner, RuntimeConfig
-    from vla_accel.runtime.bench import (WordTokenizer, cache_prepare, load_trace_npz, observations, prune_config,
-                                         run_replay, run_specprune)
+
+    from .e2e import WordTokenizer, cache_prepare, load_trace_npz, observations, prune_config, run_replay, run_specprune
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
