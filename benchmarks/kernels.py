@@ -25,11 +25,12 @@ from pathlib import Path
 
 import torch
 
-from vla_accel.kernels.attention import AttentionConfig, attention
+from vla_accel.kernels.attention import attention
 from vla_accel.kernels.calibrate import calibrate_phi, row_logsumexp
-from vla_accel.kernels.dispatch import DispatchTable, choose, choose_attention, default_table, gpu_slug, load_table
-from vla_accel.kernels.gemm import GemmConfig, GemvConfig, default_gemm_config
-from vla_accel.kernels.reference import attention_reference, gate_up_silu_reference, linear_reference
+from vla_accel.kernels.configs import AttentionConfig, GemmConfig, GemvConfig, default_gemm_config
+from vla_accel.kernels.reference import attention_reference, linear_reference
+from vla_accel.kernels.table import DispatchTable, choose, choose_attention, default_table, gpu_slug, load_table
+from vla_accel.kernels.timing import time_graph_us
 from vla_accel.kernels.tune import (
     M_GRID,
     LinearShape,
@@ -37,14 +38,14 @@ from vla_accel.kernels.tune import (
     attention_batches,
     compile_signature,
     environment,
-    llm_dims_from_preset,
     model_linear_shapes,
     packed_qkv,
     precompile,
     rel_err,
     sdpa_baselines,
-    time_graph_us,
 )
+from vla_accel.model.config import preset
+from vla_accel.model.llama import silu_mul
 
 # The floor rule and its rates (H100, docs/flashdecoding-pp.md) live in one place: roofline.py.
 from .roofline import COPY_BW as PEAK_BW, MATMUL_RATE as PEAK_FLOPS, floor_ms
@@ -103,7 +104,7 @@ def bench_gemm(shapes: list[LinearShape], m_grid: list[int], table: DispatchTabl
             x, res = bufs.inputs(m)
             w0 = bufs.weights[0]
             if gated:
-                ref = gate_up_silu_reference(x, w0, out_dtype=torch.float32)
+                ref = silu_mul(*linear_reference(x, w0, out_dtype=torch.float32).chunk(2, dim=-1))
             else:
                 ref = linear_reference(x, w0, residual=res, out_dtype=torch.float32)
             impls = gemm_impls(s, m, table, num_sms)
@@ -335,7 +336,8 @@ def main(argv=None) -> int:
     res["ceilings"] = measure_ceilings()
     print(f"ceilings: {res['ceilings']}")
 
-    hidden, inter, heads, kv = llm_dims_from_preset("7b")
+    llm = preset("7b").llm
+    hidden, inter, heads, kv = llm.hidden, llm.intermediate, llm.heads, llm.kv_heads
     plain = [s for s in model_linear_shapes(hidden, inter, heads, kv) if s.op == "linear"]
     fused = [LinearShape("gate_up", "gate_up_silu", 2 * inter, hidden),
              LinearShape("o", "linear_residual", hidden, hidden),

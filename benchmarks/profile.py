@@ -221,7 +221,7 @@ def write_ops(out: Path, runner) -> None:
 
 def graph_time_us(fn, reps: int = 20) -> float:
     """fn() captured `reps` times in one CUDA graph: median us per call over 10 replays (the kernels' timer)."""
-    from vla_accel.kernels.tune import time_graph_us
+    from vla_accel.kernels.timing import time_graph_us
 
     return time_graph_us(lambda i: fn(), reps, reps=10)
 

@@ -21,17 +21,21 @@ from torch import nn
 from .config import LlamaConfig
 
 
+def rms_norm(x, weight, eps: float):  # x: [..., D]; normalized in fp32 like HF's LlamaRMSNorm, cast, then * weight
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x):  # computed in fp32 like HF's LlamaRMSNorm
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+    def forward(self, x):
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rope_cos_sin(positions, head_dim: int, theta: float, dtype):  # positions: [B, S] -> cos, sin [B, 1, S, d]
@@ -46,8 +50,12 @@ def rotate_half(x):
     return torch.cat([-x2, x1], dim=-1)
 
 
-def apply_rope(x, cos, sin):  # x: [B, H, S, d]
+def apply_rope(x, cos, sin):  # x: [B, H, S, d] (or [..., d] with cos, sin broadcasting to it)
     return x * cos + rotate_half(x) * sin
+
+
+def silu_mul(gate, up):  # the MLP's SiLU(gate) * up
+    return F.silu(gate) * up
 
 
 def padding_bias(key_mask, dtype):  # key_mask: [B, S] bool (True = real token) -> additive [B, 1, 1, S]
@@ -108,7 +116,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate, cfg.hidden, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
