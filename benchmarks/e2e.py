@@ -79,20 +79,23 @@ class Marks:
 
 
 class SplitExecutor:
-    """(a) / (b): the model's own pieces with split marks; `backbone(seq, hook)` -> final-norm hidden."""
+    """(a) / (b): the model's own pieces with split marks; `backbone(seq, decisions)` -> final-norm hidden."""
 
     def __init__(self, model, backbone):
         self.model, self.backbone, self.last = model, backbone, None
 
     @torch.inference_mode()
-    def __call__(self, input_ids, pixel_values, proprio, prompt_lens=None, hook=None):
+    def describe(self) -> dict:
+        return {"executor": "reference-split"}
+
+    def __call__(self, input_ids, pixel_values, proprio, prompt_lens=None, decisions=None):
         m = self.model
         marks = Marks(pixel_values.device)
         marks.mark()
         feats = m.encode_images(pixel_values)
         marks.mark()
         seq = m.assemble(input_ids, prompt_lens, feats, proprio)
-        hidden, key_mask = self.backbone(seq, hook)
+        hidden, key_mask = self.backbone(seq, decisions)
         marks.mark()
         act_h = m.action_window(hidden, key_mask)
         out = m.action_head(act_h).float()
@@ -109,11 +112,13 @@ class Capture:
 
     def __init__(self, inner):
         self.inner, self.last = inner, None
-        self.host_prompt_lens = getattr(inner, "host_prompt_lens", False)
 
-    def __call__(self, input_ids, pixel_values, proprio, prompt_lens=None, hook=None):
-        out = self.inner(input_ids, pixel_values, proprio, prompt_lens=prompt_lens, hook=hook)
-        self.last = {"args": (input_ids, pixel_values, proprio, prompt_lens), "hook": hook, "out": out}
+    def describe(self) -> dict:
+        return self.inner.describe()
+
+    def __call__(self, input_ids, pixel_values, proprio, prompt_lens=None, decisions=None):
+        out = self.inner(input_ids, pixel_values, proprio, prompt_lens=prompt_lens, decisions=decisions)
+        self.last = {"args": (input_ids, pixel_values, proprio, prompt_lens), "decisions": decisions, "out": out}
         return out
 
     def split_ms(self):
@@ -229,7 +234,7 @@ def prune_config(path: str | None) -> dict:
 # ---------------------------------------------------------------------------- runs
 def run_plain(policy, executor, inputs, warmup: int, device) -> dict:
     """One call per step with fixed inputs (ids, pixels, proprio prepared on the host)."""
-    policy.executor = executor
+    policy = policy.with_executor(executor)
     lat, splits, outs = [], [], []
     for i in range(min(warmup, len(inputs))):
         policy.predict_from_inputs(*inputs[i])
@@ -277,12 +282,12 @@ class MethodTimer:
 
 
 class HookTimer(MethodTimer):
-    """Host time spent inside the pruning plan's protocol methods (incl. any device sync they do), per call."""
+    """Host time spent inside the pruning plan's PruneDecisions methods (incl. any wait for the key mass), per call."""
 
     def __init__(self):
         from vla_accel.prune.plan import PrunePlan
 
-        super().__init__([(PrunePlan, n) for n in ("before_layer", "score_rows", "on_scores")])
+        super().__init__([(PrunePlan, n) for n in ("keep", "rows", "scores")])
 
     def take_ms(self) -> float:
         """ms since the last take_ms, then zero."""
@@ -294,12 +299,10 @@ class HookTimer(MethodTimer):
 def run_specprune(policy, executor, prune_cfg, trace, steps: int, streams: int, offset: int, device,
                   check_every: int = 0, keep_replay: bool = False) -> dict:
     """One batched SpecPrune query per step over `streams` streams of the trace (stream s lags by s*offset)."""
-    from vla_accel.prune import make_actor
-    from vla_accel.runtime.plan import KeepPlan
+    from vla_accel.prune import KeepPlan, make_actor
 
     cap = Capture(executor)
-    policy.executor = cap
-    actor = make_actor(policy, prune_cfg)
+    actor = make_actor(policy.with_executor(cap), prune_cfg)
     actor.reset(list(range(streams)))
     T = len(trace["state"])
     lat, splits, tokens, checks, hook_ms, replay = [], [], [], [], [], []
@@ -329,13 +332,13 @@ def run_specprune(policy, executor, prune_cfg, trace, steps: int, streams: int, 
 def run_replay(policy, executor, replay, instruction, device) -> dict:
     """The token sets SpecPrune chose, applied by KeepPlan (a plan with no scoring and no host syncs): what the
     executor costs at exactly those token counts, without the pruning logic's own overhead."""
-    policy.executor = executor
+    policy = policy.with_executor(executor)
     lat, splits = [], []
     for obs, plan in replay:
         ids, pix, prop = policy.prepare(obs, [instruction] * len(obs))
         _sync(device)
         t0 = time.perf_counter()
-        policy.predict_from_inputs(ids, pix, prop, hook=plan)
+        policy.predict_from_inputs(ids, pix, prop, decisions=plan)
         _sync(device)
         lat.append((time.perf_counter() - t0) * 1e3)
         sp = executor.split_ms()
@@ -344,13 +347,13 @@ def run_replay(policy, executor, replay, instruction, device) -> dict:
     return {"lat": lat, "splits": splits}
 
 
-def fp32_forward(model, args, hook=None):
+def fp32_forward(model, args, decisions=None):
     """The reference model evaluated with every weight upcast to fp32 (transient copy)."""
     params = {k: v.float() for k, v in list(model.named_parameters()) + list(model.named_buffers())}
     ids, pix, prop, lens = args
     with torch.inference_mode():
         out = torch.func.functional_call(model, params, (ids, pix.float(), prop.float()),
-                                         {"prompt_lens": lens, "hook": hook})
+                                         {"prompt_lens": lens, "decisions": decisions})
     del params
     return out
 
@@ -389,8 +392,8 @@ def parse_args(argv):
 def main(argv=None) -> dict:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     import vla_accel
+    from vla_accel.prune import KeepPlan
     from vla_accel.runtime import AccelRunner, RuntimeConfig
-    from vla_accel.runtime.plan import KeepPlan
 
     from .roofline import floors
 
@@ -526,7 +529,7 @@ def main(argv=None) -> dict:
 
     # ---- (b) reference, (a) stock
     if "b" in configs or any(k in configs for k in "cde"):
-        ref = SplitExecutor(model, lambda seq, hook: model.llm(seq.embeds, seq.positions, seq.key_mask, hook=hook)[::2])
+        ref = SplitExecutor(model, lambda seq, d: model.llm(seq.embeds, seq.positions, seq.key_mask, decisions=d)[::2])
         run = run_plain(policy, ref, inputs, args.warmup if "b" in configs else 0, device)
         ref_actions = run["actions"]
         if "b" in configs:
@@ -536,7 +539,7 @@ def main(argv=None) -> dict:
             from .stock import StockExecutor
 
             stock = StockExecutor(model)
-            run = run_plain(policy, SplitExecutor(model, lambda seq, hook: (stock.backbone(seq), seq.key_mask)),
+            run = run_plain(policy, SplitExecutor(model, lambda seq, dec: (stock.backbone(seq), seq.key_mask)),
                             inputs, args.warmup, device)
             record("a", run, [[n_tok] * L])
             results["checks"]["a_vs_reference_max_rel"] = max(rel(x, y) for x, y in zip(run["actions"], ref_actions))
@@ -544,7 +547,6 @@ def main(argv=None) -> dict:
         except Exception as err:  # noqa: BLE001
             results["errors"]["a"] = traceback.format_exc()
             print(f"[a] FAILED: {err}", flush=True)
-    policy.executor = model
 
     # ---- equivalence checks. fp32 anchor first: the reference's own bf16 error sets the tolerance
     ck = results["checks"]
@@ -553,7 +555,7 @@ def main(argv=None) -> dict:
         try:
             for i in range(min(args.anchor_steps, len(inputs))):
                 ids, lens = policy.batch_ids(inputs[i][0])
-                a = (ids.to(device), inputs[i][1].to(device, dtype), inputs[i][2].to(device, dtype), lens.to(device))
+                a = (ids.to(device), inputs[i][1].to(device, dtype), inputs[i][2].to(device, dtype), lens)
                 r32 = fp32_forward(model, a)[0]
                 with torch.inference_mode():
                     r16 = model(*a[:3], prompt_lens=a[3])[0]
@@ -564,7 +566,7 @@ def main(argv=None) -> dict:
                     plan = KeepPlan.from_prune_plan(c["plan"])
                     r32 = fp32_forward(model, c["args"], plan)[0]
                     with torch.inference_mode():
-                        r16 = model(*c["args"][:3], prompt_lens=c["args"][3], hook=plan)[0]
+                        r16 = model(*c["args"][:3], prompt_lens=c["args"][3], decisions=plan)[0]
                     anchors.append((key, rel(r16, r32), rel(c["out"][0], r32)))
             ck["fp32_anchor"] = [{"config": k, "reference_bf16_rel": e16, "accel_rel": ea,
                                   "pass": ea <= 2 * e16 + 1e-3} for k, e16, ea in anchors]
@@ -588,7 +590,8 @@ def main(argv=None) -> dict:
         errs = []
         for c in run["checks"]:
             with torch.inference_mode():
-                ref_out = model(*c["args"][:3], prompt_lens=c["args"][3], hook=KeepPlan.from_prune_plan(c["plan"]))
+                ref_out = model(*c["args"][:3], prompt_lens=c["args"][3],
+                                decisions=KeepPlan.from_prune_plan(c["plan"]))
             errs += [rel(a, b) for a, b in zip(c["out"][0], ref_out[0])]
         if errs:
             ck[key] = {"max_rel": max(errs), "median_rel": float(np.median(errs)), "chunks": len(errs),

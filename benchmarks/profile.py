@@ -199,10 +199,10 @@ def host_breakdown(policy, runner, cfg, trace, steps, dev) -> dict:
 
     from .e2e import MethodTimer, run_specprune
 
-    targets = [(PrunePlan, n) for n in ("before_layer", "score_rows", "on_scores", "_read", "_flush", "_apply",
+    targets = [(PrunePlan, n) for n in ("keep", "rows", "scores", "_read", "_flush", "_drop",
                                         "_static_stage", "_scores", "_update_importance", "__init__", "summary")]
-    targets += [(AccelRunner, n) for n in ("forward", "_vision", "_assemble", "_call_hook", "_pack", "_fill_sel",
-                                           "_key_mass", "_segment", "_head", "_view_h")]
+    targets += [(AccelRunner, n) for n in ("forward", "_vision", "_assemble", "_decide", "_pack", "_fill_sel",
+                                           "_key_mass", "_segment", "_head")]
     targets += [(GraphCache, "run")]
     with MethodTimer(targets) as t:
         run = run_specprune(policy, runner, cfg, trace, steps, 1, 7, dev)
@@ -315,7 +315,7 @@ def main(argv=None):
     runner = AccelRunner(policy.model, RuntimeConfig.from_dict({"name": "accel", "profile": True,
                                                                 **({} if cuda else {"on_cpu": "emulate"}),
                                                                 **json.loads(a.runtime)}))
-    policy.executor = runner
+    policy = policy.with_executor(runner)
     summary: dict = {"runtime": runner.describe()}
 
     if a.ops_only:

@@ -47,12 +47,16 @@ class StockExecutor:
         self.hf = hf_llama(model)
 
     @torch.inference_mode()
-    def __call__(self, input_ids, pixel_values, proprio, prompt_lens=None, hook=None):
-        if hook is not None:
-            raise ValueError("the stock transformers backbone has no pruning hooks (configuration (a) is unpruned)")
+    def describe(self) -> dict:
+        return {"executor": "stock-transformers"}
+
+    def __call__(self, input_ids, pixel_values, proprio, prompt_lens=None, decisions=None):
+        if decisions is not None:
+            raise ValueError("the stock transformers backbone takes no pruning decisions (configuration (a) is "
+                             "unpruned)")
         m = self.model
         if prompt_lens is None:
-            prompt_lens = torch.full((input_ids.shape[0],), input_ids.shape[1], device=input_ids.device)
+            prompt_lens = torch.full((input_ids.shape[0],), input_ids.shape[1])
         seq = m.assemble(input_ids, prompt_lens, m.encode_images(pixel_values), proprio)
         act_h = m.action_window(self.backbone(seq), seq.key_mask)
         return m.action_head(act_h).float(), act_h

@@ -56,7 +56,7 @@ def test_profile_smoke(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert {"vision", "c", "d", "d_replay", "d_host_breakdown"} <= set(summary)
     host = summary["d_host_breakdown"]
-    assert host["PrunePlan.on_scores"]["calls_per_query"] == 3  # score layers 0, 1, 3 of the tiny schedule
+    assert host["PrunePlan.scores"]["calls_per_query"] == 3  # score layers 0, 1, 3 of the tiny schedule
     assert host["AccelRunner.forward"]["calls_per_query"] == 1 and host["_latency_ms_median"] > 0
     for name in ("kernels_c.txt", "host_d.txt", "host_d_ops.txt"):
         assert (out / name).stat().st_size > 0
