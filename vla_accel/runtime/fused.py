@@ -138,7 +138,7 @@ class Ops:
         self.rowwise = rw
 
     def describe(self) -> dict:
-        return {"gemm": self.gemm, "table": getattr(self.table, "gpu", None) if self.table is not None else None,
+        return {"gemm": self.gemm, "table": self.table.gpu if self.table is not None else None,
                 "table_rules": len(self.table.rules) if self.table is not None else 0,
                 "attention": self.attn, "vision_attention": self.vision_attn, "scores": self.scores,
                 "rowwise": self.rowwise, "notes": list(self.notes)}
