@@ -21,13 +21,13 @@ device tensor until the caller reads it.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
 from . import attention_kernel as _k
 from .calibrate import default_safe_range
-from .gemm import config_fields
+from .configs import AttentionConfig, cdiv, default_attention_config
+from .table import choose_attention, default_table
 
 LOG2E = 1.4426950408889634
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -36,32 +36,6 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _SCORE_TILES_GPU = (64, 64)
 _SCORE_TILES_CPU = (32, 32)  # interpreter: cheaper steps
 _SCORE_GROUP_MAX = 4  # row tiles whose selection the key-mass kernel reads with one load
-
-
-@dataclass(frozen=True)
-class AttentionConfig:
-    """Tile configuration of attention_fwd_kernel; its name ("attn:bm64.bn64.w4.s3") is what tables store."""
-    block_m: int = 64  # query rows per program
-    block_n: int = 64  # keys per step
-    num_warps: int = 4
-    num_stages: int = 3
-
-    @property
-    def name(self) -> str:
-        return f"attn:bm{self.block_m}.bn{self.block_n}.w{self.num_warps}.s{self.num_stages}"
-
-    @staticmethod
-    def parse(name: str) -> "AttentionConfig":
-        fields = config_fields(name, "attn", ("bm", "bn", "w", "s"), what="attention",
-                               example="attn:bm64.bn64.w4.s3")
-        return AttentionConfig(fields["bm"], fields["bn"], fields["w"], fields["s"])
-
-
-def default_attention_config(head_dim: int, max_seqlen: int, device: torch.device) -> AttentionConfig:
-    """Untuned choice (the dispatch table's attention rules override it on a tuned GPU)."""
-    if device.type != "cuda":
-        return AttentionConfig(block_m=32, block_n=32, num_warps=4, num_stages=1)  # interpreter: few, cheap steps
-    return AttentionConfig(block_m=64, block_n=64, num_warps=4, num_stages=3)
 
 
 def _check(q, k, v, cu_seqlens, score_rows):
@@ -95,7 +69,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: tor
 
     online=True forces the online-softmax path everywhere (the baseline the unified path is measured against).
     config: tile configuration (or its name); else the table's attention rule for (D, max_seqlen)
-    (table None: dispatch.default_table(q.device)), else default_attention_config.
+    (table None: table.default_table(q.device)), else default_attention_config.
     stats, if a dict, receives "fallback_rows" (int64 device tensor: rows x heads that left the safe range),
     "rows" (T * H) and "flags" (bool [T, H]).
     """
@@ -125,7 +99,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: tor
     if t > 0 and max_seqlen > 0:
         dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
         # grid: (query tiles, B*H): the tiles of one (sequence, head) are issued together (see the kernel)
-        grid = (triton_cdiv(max_seqlen, cfg.block_m), batch * h)
+        grid = (cdiv(max_seqlen, cfg.block_m), batch * h)
         _k.attention_fwd_kernel[grid](
             q, k, v, out, cu_seqlens, lse, flags,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -137,9 +111,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: tor
         )
         if scoring:  # the selected rows x all keys of their sequence, one program per (key block, head)
             bm, bn = _SCORE_TILES_GPU if q.device.type == "cuda" else _SCORE_TILES_CPU
-            n_tiles = triton_cdiv(max_seqlen, bm)
+            n_tiles = cdiv(max_seqlen, bm)
             group = min(_SCORE_GROUP_MAX, max(2, 1 << (n_tiles - 1).bit_length()))  # power of two
-            _k.attention_key_mass_kernel[(triton_cdiv(max_seqlen, bn), batch * h)](
+            _k.attention_key_mass_kernel[(cdiv(max_seqlen, bn), batch * h)](
                 q, k, cu_seqlens, sel, lse, key_mass,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                 h, scale * LOG2E,
@@ -154,17 +128,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: tor
     return (out, key_mass) if scoring else out
 
 
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _pick_config(config, table, head_dim: int, max_seqlen: int, device: torch.device) -> AttentionConfig:
     if isinstance(config, AttentionConfig):
         return config
     if isinstance(config, str):
         return AttentionConfig.parse(config)
     if device.type == "cuda":
-        from .dispatch import choose_attention, default_table  # dispatch imports the GEMM side only
         name = choose_attention(table if table is not None else default_table(device), head_dim, max_seqlen)
         if name is not None:
             return AttentionConfig.parse(name)

@@ -146,8 +146,8 @@ def _online_fallback(Q, K, V, OUT, LSE, FLAGS,
         h, pid_m, seq_start, seq_len, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL)
     q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
     take = tl.load(FLAGS + rows * num_heads + h, mask=row_ok, other=0) != 0
-    _online_tile(q, k_base, v_base, stride_kt, stride_vt, out_ptrs, LSE + rows * num_heads + h, take, offs_m, seq_len, n_full, n_end,
-                 qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, SCORE, DOT_PRECISION)
+    _online_tile(q, k_base, v_base, stride_kt, stride_vt, out_ptrs, LSE + rows * num_heads + h, take, offs_m, seq_len,
+                 n_full, n_end, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, SCORE, DOT_PRECISION)
 
 
 @triton.jit
@@ -199,8 +199,8 @@ def attention_fwd_kernel(
                              HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, SCORE, DOT_PRECISION)
     else:
         tl.store(FLAGS + rows * num_heads + h, tl.zeros([BLOCK_M], dtype=tl.int8), mask=row_ok)
-        _online_tile(q, k_base, v_base, stride_kt, stride_vt, out_ptrs, LSE + rows * num_heads + h, row_ok, offs_m, seq_len, n_full,
-                     n_end, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, SCORE, DOT_PRECISION)
+        _online_tile(q, k_base, v_base, stride_kt, stride_vt, out_ptrs, LSE + rows * num_heads + h, row_ok, offs_m,
+                     seq_len, n_full, n_end, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, SCORE, DOT_PRECISION)
 
 
 @triton.jit

@@ -8,104 +8,18 @@ Weights follow torch.nn.Linear: w is [N, K] and y = x @ w.T; x is [M, K] (2-D, l
     h = flat_gemm(x, w_gate_up, gated=True)               # silu(x @ Wg.T) * (x @ Wu.T), [M, N/2]
     y = gemv(x, w)                                        # CUDA-core path, M <= 16
 
-A kernel configuration has a short name (`GemmConfig.name`, `GemvConfig.name`, e.g.
-"flat:bn64.bm16.bk128.w4.s4.k2"): that is what the dispatch table (dispatch.py) stores.
+A kernel configuration (configs.py) has a short name (`GemmConfig.name`, `GemvConfig.name`, e.g.
+"flat:bn64.bm16.bk128.w4.s4.k2"): that is what the dispatch table (table.py) stores.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from . import gemm_kernel as _k
+from .configs import GemmConfig, GemvConfig, cdiv as _cdiv, default_gemm_config, next_pow2 as _next_pow2
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
-@dataclass(frozen=True)
-class GemmConfig:
-    """Tile configuration of flat_gemm_kernel (tiles are [block_n weight rows] x [block_m tokens])."""
-    block_n: int = 64  # weight rows per program (the MMA's M side: 64 per warpgroup)
-    block_m: int = 16  # tokens per program (the MMA's N side: padded to >= 16)
-    block_k: int = 128
-    num_warps: int = 4
-    num_stages: int = 4  # software-pipelining depth (>= 2: loads of the next tiles overlap the math)
-    split_k: int = 1  # programs along K; > 1 adds an fp32 workspace and a reduction launch
-
-    @property
-    def name(self) -> str:
-        return (f"flat:bn{self.block_n}.bm{self.block_m}.bk{self.block_k}"
-                f".w{self.num_warps}.s{self.num_stages}.k{self.split_k}")
-
-    @staticmethod
-    def parse(name: str) -> "GemmConfig":
-        fields = config_fields(name, "flat", ("bn", "bm", "bk", "w", "s", "k"))
-        return GemmConfig(fields["bn"], fields["bm"], fields["bk"], fields["w"], fields["s"], fields["k"])
-
-
-@dataclass(frozen=True)
-class GemvConfig:
-    """Tile configuration of gemv_kernel (CUDA cores; the M tokens are padded to a power of two)."""
-    block_n: int = 8
-    block_k: int = 1024
-    num_warps: int = 4
-
-    @property
-    def name(self) -> str:
-        return f"gemv:bn{self.block_n}.bk{self.block_k}.w{self.num_warps}"
-
-    @staticmethod
-    def parse(name: str) -> "GemvConfig":
-        fields = config_fields(name, "gemv", ("bn", "bk", "w"))
-        return GemvConfig(fields["bn"], fields["bk"], fields["w"])
-
-
-def config_fields(name: str, family: str, keys: tuple[str, ...], what: str = "kernel",
-                  example: str | None = None) -> dict[str, int]:
-    """A kernel config name "family:key1N.key2N..." -> {key: N}; ValueError unless it has exactly `keys`, each a
-    positive integer (shared by the GEMM, GEMV and attention configs)."""
-    head, _, body = name.partition(":")
-    parts = body.split(".") if body else []
-    fields = {}
-    for part in parts:
-        key = part.rstrip("0123456789")
-        fields[key] = int(part[len(key):]) if part[len(key):] else -1
-    if head != family or sorted(fields) != sorted(keys) or min(fields.values(), default=0) <= 0:
-        example = example or family + ":" + ".".join(f"{k}16" for k in keys)
-        raise ValueError(f"bad {what} config name '{name}': expected e.g. '{example}'")
-    return fields
-
-
-def default_gemm_config(m: int, n: int, k: int, *, gated: bool = False, num_sms: int = 132) -> GemmConfig:
-    """A reasonable untuned configuration (the tuned table overrides it)."""
-    if m <= 64:
-        bm = max(16, _next_pow2(m))
-        cfg = GemmConfig(block_n=64, block_m=bm, block_k=128, num_warps=4, num_stages=4 if not gated else 3)
-    elif m <= 128:
-        cfg = GemmConfig(block_n=128, block_m=128, block_k=64, num_warps=8, num_stages=4 if not gated else 3)
-    else:
-        cfg = GemmConfig(block_n=128, block_m=128, block_k=64, num_warps=8, num_stages=4 if not gated else 3)
-    return GemmConfig(cfg.block_n, cfg.block_m, cfg.block_k, cfg.num_warps, cfg.num_stages,
-                      auto_split_k(m, n, k, cfg, num_sms))
-
-
-def auto_split_k(m: int, n: int, k: int, cfg: GemmConfig, num_sms: int, waves: float = 1.0) -> int:
-    """Smallest split of K that gives at least `waves` x num_sms programs (each keeps >= 4 K-tiles)."""
-    tiles = _cdiv(n, cfg.block_n) * _cdiv(m, cfg.block_m)
-    k_tiles = _cdiv(k, cfg.block_k)
-    split = 1
-    while tiles * split < waves * num_sms and k_tiles // (split * 2) >= 4 and split < 8:
-        split *= 2
-    return split
 
 
 def _dot_precision(dtype: torch.dtype) -> str:

@@ -1,7 +1,9 @@
-"""Plain-torch references for every kernel of this package (fp32 math; the ground truth of the tests).
+"""Plain-torch fp32 references of the GEMMs and of attention (the ground truth of the kernel tests).
 
-Each takes the same arguments as its fast counterpart; `out_dtype` (default: the input dtype) lets a test
-keep the fp32 result instead of rounding it.
+Each takes the same arguments as its fast counterpart; `out_dtype` (default: the input dtype) lets a test keep
+the fp32 result instead of rounding it. The row-wise ops (RMSNorm, RoPE, SiLU * up, residual + LayerNorm) and the
+gated epilogue have one reference, the model's own arithmetic (vla_accel.model.llama / vit): the tests compare
+against that, and this package keeps no copy of it (it imports nothing of vla_accel outside itself).
 """
 
 from __future__ import annotations
@@ -9,7 +11,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 
 def linear_reference(x: torch.Tensor, w: torch.Tensor, *, bias: torch.Tensor | None = None,
@@ -21,17 +22,6 @@ def linear_reference(x: torch.Tensor, w: torch.Tensor, *, bias: torch.Tensor | N
     if residual is not None:
         y = y + residual.float()
     return y.to(out_dtype or x.dtype)
-
-
-def gate_up_silu_reference(x: torch.Tensor, w_gate_up: torch.Tensor, *, bias: torch.Tensor | None = None,
-                           out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    # x: [M, K], w_gate_up: [2*I, K] (gate rows, then up rows) -> silu(x @ Wg.T) * (x @ Wu.T): [M, I]
-    inter = w_gate_up.shape[0] // 2
-    y = x.float() @ w_gate_up.float().t()
-    h = F.silu(y[:, :inter]) * y[:, inter:]
-    if bias is not None:
-        h = h + bias.float()
-    return h.to(out_dtype or x.dtype)
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,

@@ -4,9 +4,10 @@
     q, k = rope_split(qkv, positions, cos, sin, heads)   # qkv: [T, 3*H*d] -> rotated q, k: [T, H, d]
     a = silu_mul(gu)                               # gu: [T, 2I] = [gate | up] -> silu(gate) * up: [T, I]
     y = add_layer_norm(x, r, g, w, b, eps)         # x += r * g (in place), then y = LayerNorm(x) (vision towers)
-    # cos, sin: half-tables [P, d/2] (vla_accel.runtime.fused.rope_table)
+    # cos, sin: half-tables [P, d/2] (cos / sin of position x inverse frequency, the first half of Llama's)
 
-The plain-torch equivalents are `*_reference` below (the model's own arithmetic); tests compare the two.
+Their reference is the model's own arithmetic (vla_accel.model.llama: rms_norm, apply_rope, silu_mul; vit:
+add_layer_norm); the tests compare against it.
 No host synchronisation: every launcher is CUDA-graph safe. On CPU the kernels run only under the Triton
 interpreter (TRITON_INTERPRET=1 before the first import of this package).
 """
@@ -14,7 +15,6 @@ interpreter (TRITON_INTERPRET=1 before the first import of this package).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 
 from . import rowwise_kernel as _k
@@ -45,11 +45,6 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, out: torch.Tensor | N
     return y
 
 
-def rms_norm_reference(x, w, eps):
-    xf = x.float()
-    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-
-
 # ---------------------------------------------------------------- RoPE
 def rope_split(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                heads: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,20 +67,6 @@ def rope_split(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, si
     return q, k
 
 
-def rope_split_reference(qkv, positions, cos, sin, heads):
-    T, N = qkv.shape
-    d = N // (3 * heads)
-    c = torch.cat([cos[positions], cos[positions]], -1)[:, None]  # [T, 1, d]
-    s = torch.cat([sin[positions], sin[positions]], -1)[:, None]
-    q, k = qkv[:, :heads * d].view(T, heads, d), qkv[:, heads * d:2 * heads * d].view(T, heads, d)
-
-    def rot(x):
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat([-x2, x1], dim=-1)
-
-    return (q * c + rot(q) * s).contiguous(), (k * c + rot(k) * s).contiguous()
-
-
 # ---------------------------------------------------------------- SiLU * up
 def silu_mul(gu: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """gu: [T, 2I] = [gate | up] -> silu(gate) * up: [T, I]."""
@@ -100,11 +81,6 @@ def silu_mul(gu: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         _k.silu_mul_kernel[(T, triton.cdiv(inter, block))](gu, y, gu.stride(0), y.stride(0), inter, BLOCK=block,
                                                            num_warps=4)
     return y
-
-
-def silu_mul_reference(gu):
-    g, u = gu.chunk(2, dim=-1)
-    return F.silu(g) * u
 
 
 # ---------------------------------------------------------------- residual (+ layer scale) + LayerNorm
@@ -126,9 +102,3 @@ def add_layer_norm(x: torch.Tensor, r: torch.Tensor, g: torch.Tensor | None, w: 
                                        y.stride(0), D, float(eps), HAS_G=g is not None, BLOCK=block,
                                        num_warps=8 if block >= 2048 else 4)
     return y
-
-
-def add_layer_norm_reference(x, r, g, w, b, eps):
-    """The towers' own arithmetic (vla_accel/model/vit.py): x + r * g rounded, then F.layer_norm."""
-    x.copy_(torch.addcmul(x, r, g) if g is not None else x + r)
-    return F.layer_norm(x, (x.shape[1],), w, b, eps)

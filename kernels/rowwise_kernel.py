@@ -1,8 +1,9 @@
-"""Row-wise Triton kernels of the accelerated runtime (launchers in rowwise.py): RMSNorm, RoPE + q/k split,
-SiLU(gate) * up, and the vision towers' residual add (+ layer scale) fused with the next LayerNorm. Each follows the rounding steps of the plain model (vla_accel/model/llama.py): where the
-reference rounds an intermediate to the activation dtype, the kernel casts it too. Measured on an H100, the
-results still differ by <= 1 bf16 ulp in a fraction of elements (the compiler may keep a product in fp32),
-and the Triton interpreter on CPU truncates instead of rounding when it casts to bf16.
+"""Row-wise Triton kernels of the accelerated runtime (launchers in rowwise.py): RMSNorm, RoPE + q/k split, SiLU(gate)
+* up, and the vision towers' residual add (+ layer scale) fused with the next LayerNorm. Each follows the rounding
+steps of the plain model (vla_accel/model/llama.py, vit.py): where the reference rounds an intermediate to the
+activation dtype, the kernel casts it too. Measured on an H100, the results still differ by <= 1 bf16 ulp in a
+fraction of elements (the compiler may keep a product in fp32), and the Triton interpreter on CPU truncates instead
+of rounding when it casts to bf16.
 """
 
 import triton

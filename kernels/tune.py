@@ -1,15 +1,16 @@
-"""vla-accel-tune: profile the linear-layer implementations on this GPU and write the dispatch table.
+"""The tuner: profile the linear-layer implementations on this GPU and write the dispatch table.
 
-    vla-accel-tune --preset 7b                       # Llama-2-7B shapes -> kernels/tables/<gpu>.json
-    vla-accel-tune --config path/to/config.json      # shapes from an HF-style config (text_config.*)
-    vla-accel-tune --preset tiny --m 1 16 64 --out /tmp/table.json
+    python -m vla_accel.kernels.tune --dims 4096 11008 32 32     # hidden, intermediate, heads[, kv heads]
+    python -m vla_accel.kernels.tune --config path/to/config.json  # an HF-style config (text_config.*)
+    vla-accel-tune --preset 7b                                   # the project's models (vla_accel.runtime.tune)
 
-For every linear shape of the model (derived from the config: fused QKV, O, gate/up, fused gate+up with
-SiLU, down) and every M of the grid, it times cuBLAS and each candidate kernel configuration (GEMV for
-the smallest M, the flat GEMM with and without split-K) inside CUDA graphs, with the weights rotated
-among several copies so that no measurement runs out of L2. Each candidate's output is first checked
-against cuBLAS. The fastest implementation per point becomes a rule of the table (cuBLAS unless a
-kernel beats it by more than --margin); the raw times are kept in the table's meta.
+For every linear shape of a Llama-style backbone (fused QKV, O, gate/up, fused gate+up with SiLU, down) and every
+M of the grid, it times cuBLAS and each candidate of every registered kernel family (registry.py: GEMV for the
+smallest M, the flat GEMM with and without split-K, ...) inside CUDA graphs, with the weights rotated among
+several copies so that no measurement runs out of L2. Each candidate's output is first checked against cuBLAS.
+The fastest implementation per point becomes a rule of the table (cuBLAS unless a kernel beats it by more than
+--margin); the raw times are kept in the table's meta. The table goes to --out, else to the user's cache
+(table.user_table_path), where default_table looks before the packaged tables: never into the installed package.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import datetime as _dt
 import json
 import math
 import multiprocessing as mp
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -27,10 +27,13 @@ from pathlib import Path
 
 import torch
 
-from .attention import AttentionConfig, attention
-from .dispatch import TABLE_DIR, DispatchTable, build_rules, gpu_slug, run_impl, shape_key
-from .gemm import GemmConfig, GemvConfig, auto_split_k
+from .attention import attention
+from .configs import AttentionConfig
+from .launch import run_impl
 from .reference import attention_reference
+from .registry import FAMILIES, parse_impl
+from .table import DispatchTable, shape_key, user_table_path
+from .timing import time_graph_us
 
 M_GRID = [1, 8, 16, 32, 64, 128, 150, 200, 256, 300, 400, 512, 600]
 ATTN_L_GRID = [64, 128, 256, 384, 512, 640, 768]
@@ -57,25 +60,13 @@ class LinearShape:
 # ---------------------------------------------------------------- model shapes
 
 def llm_dims_from_hf(d: dict) -> tuple[int, int, int, int]:
-    """(hidden, intermediate, heads, kv_heads) from an HF-style config dict (with or without text_config)."""
-    try:  # the project's own config reader, when the config is a full OpenVLA one
-        from vla_accel.model.config import OFTConfig
-        llm = OFTConfig.from_hf_config(d).llm
-        return llm.hidden, llm.intermediate, llm.heads, llm.kv_heads
-    except Exception:  # noqa: BLE001 - a bare text config: read the four fields directly
-        pass
+    """(hidden, intermediate, heads, kv_heads) from an HF-style config dict (text_config, else the top level)."""
     tc = d.get("text_config", d)
     missing = [k for k in ("hidden_size", "intermediate_size", "num_attention_heads") if k not in tc]
     if missing:
         raise ValueError(f"config lacks {missing} (looked in 'text_config' and at the top level)")
     heads = int(tc["num_attention_heads"])
     return int(tc["hidden_size"]), int(tc["intermediate_size"]), heads, int(tc.get("num_key_value_heads", heads))
-
-
-def llm_dims_from_preset(name: str) -> tuple[int, int, int, int]:
-    from vla_accel.model.config import preset
-    llm = preset(name).llm
-    return llm.hidden, llm.intermediate, llm.heads, llm.kv_heads
 
 
 def model_linear_shapes(hidden: int, intermediate: int, heads: int, kv_heads: int | None = None) -> list[LinearShape]:
@@ -94,73 +85,15 @@ def model_linear_shapes(hidden: int, intermediate: int, heads: int, kv_heads: in
 # ---------------------------------------------------------------- candidates
 
 def candidates(op: str, n: int, k: int, m: int, num_sms: int) -> list[str]:
-    """Implementation names worth timing at this point (cuBLAS always first)."""
-    gated = op == "gate_up_silu"
-    n_out = n // 2 if gated else n
+    """Implementation names worth timing at this point: those of every registered family (registry.py), cuBLAS
+    first."""
     out = ["cublas"]
-    if m <= 4:
-        out += [GemvConfig(8, 1024, 4).name, GemvConfig(4, 2048, 4).name, GemvConfig(16, 1024, 8).name,
-                GemvConfig(16, 512, 4).name]
-    bm = min(256, max(16, 1 << (m - 1).bit_length()))
-    bases = []
-    if m <= 32:  # narrow weight tiles: more programs for the N = 4096 shapes (tensor-core mma.sync path)
-        bases += [GemmConfig(32, bm, 256, 4, 4 if not gated else 3)]
-    if m <= 128:
-        s = 3 if gated else 4
-        bases += [GemmConfig(64, bm, 128, 4, s), GemmConfig(64, min(bm, 64), 256, 4, 3 if not gated else 2),
-                  GemmConfig(128, bm, 128, 8, 3)]
-    if 32 < m <= 128:
-        bases += [GemmConfig(64, bm, 64, 4, 5)]
-    if m > 64:
-        bases += [GemmConfig(128, 128, 64, 8, 4 if not gated else 3), GemmConfig(128, 64, 64, 4, 4)]
-        if not gated:
-            bases += [GemmConfig(128, 256, 64, 8, 3)]
-    seen = set()
-    for base in bases:
-        if _smem_bytes(base, gated) > 200 * 1024:
-            continue
-        splits = {1, auto_split_k(m, n_out, k, base, num_sms, 1.0), auto_split_k(m, n_out, k, base, num_sms, 2.0)}
-        for split in sorted(splits):
-            cfg = GemmConfig(base.block_n, base.block_m, base.block_k, base.num_warps, base.num_stages, split)
-            if cfg.name not in seen:
-                seen.add(cfg.name)
-                out.append(cfg.name)
+    for family in FAMILIES.values():
+        out += [c for c in family.candidates(op, n, k, m, num_sms) if c not in out]
     return out
 
 
-def _smem_bytes(cfg: GemmConfig, gated: bool) -> int:
-    per_stage = (cfg.block_n * (2 if gated else 1) + cfg.block_m) * cfg.block_k * 2
-    return per_stage * cfg.num_stages
-
-
-# ---------------------------------------------------------------- timing
-
-def time_graph_us(fn, n_calls: int, *, reps: int = 7) -> float:
-    """Median time per call (microseconds) of fn(i), i = 0..n_calls-1, captured in one CUDA graph."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for i in range(min(n_calls, 3)):
-            fn(i)  # warm-up outside the capture: compilation, autotuning of the libraries
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(n_calls):
-            fn(i)
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    for _ in range(reps):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / n_calls)
-    del graph
-    return statistics.median(times)
-
+# ---------------------------------------------------------------- measuring
 
 class ShapeBuffers:
     """Several copies of one weight (so the timed calls stream from DRAM) and inputs for a given M."""
@@ -239,14 +172,10 @@ def precompile(jobs: list[tuple[str, int, int, int, str, str]], workers: int) ->
 
 def compile_signature(op: str, k: int, m: int, impl: str) -> tuple:
     """What a Triton kernel specialises on (constexprs), so each variant is compiled once."""
-    if impl.startswith("gemv"):
-        cfg = GemvConfig.parse(impl)
-        bm = 1 << (m - 1).bit_length()
-        bk = max(16, min(cfg.block_k, cfg.block_k * 2 // bm))
-        return (op, "gemv", cfg.block_n, bk, bm, cfg.num_warps, k % bk == 0)
-    cfg = GemmConfig.parse(impl)
-    return (op, "flat", cfg.block_n, cfg.block_m, cfg.block_k, cfg.num_warps, cfg.num_stages, cfg.split_k > 1,
-            k % cfg.block_k == 0)
+    family, config = parse_impl(impl)
+    if family.compile_key is None:
+        raise ValueError(f"'{impl}' compiles no kernel of ours")
+    return family.compile_key(op, k, m, config)
 
 
 def compile_jobs(shapes: list[LinearShape], m_grid: list[int], dtype: torch.dtype, num_sms: int):
@@ -254,7 +183,7 @@ def compile_jobs(shapes: list[LinearShape], m_grid: list[int], dtype: torch.dtyp
     for s in shapes:
         for m in m_grid:
             for impl in candidates(s.op, s.n, s.k, m, num_sms):
-                if impl == "cublas":
+                if parse_impl(impl)[0].compile_key is None:  # (cuBLAS: nothing to compile)
                     continue
                 sig = compile_signature(s.op, s.k, m, impl)
                 if sig not in seen:
@@ -379,7 +308,8 @@ def profile_attention(l_grid: list[int], configs: list[str], dtype: torch.dtype,
                     if not err < 2e-2:  # bf16 rounding gives ~2.4e-3; larger means a broken configuration
                         log(f"  attention L={length} {batch_name} {name}: rel err {err:.3g}, dropped")
                         continue
-                    times[name] = time_graph_us(lambda i, name=name: attention(q, k, v, cu, length, config=name), 20)
+                    times[name] = time_graph_us(
+                        lambda i, q=q, k=k, v=v, name=name: attention(q, k, v, cu, length, config=name), 20)
                 except Exception as e:  # noqa: BLE001 - a failing config is reported and skipped
                     log(f"  attention L={length} {batch_name} {name}: {type(e).__name__}: {str(e)[:200]}")
             sdpa = {}
@@ -446,6 +376,25 @@ def attention_rules(rows: list[dict]) -> list[tuple[int, str]]:
     return rules
 
 
+def build_rules(points: list[tuple[int, dict[str, float]]], *, margin: float = 0.01) -> list[tuple[int, str]]:
+    """Rules from profiled times: points = [(m, {impl: time})] at increasing m.
+
+    At each m the fastest impl wins, except that cuBLAS is kept unless the winner beats it by more than
+    `margin` (relative), so that noise never installs a kernel slower than cuBLAS. Neighbouring points with
+    the same winner merge into one rule.
+    """
+    rules: list[tuple[int, str]] = []
+    for m, times in sorted(points):
+        best = min(times, key=times.get)
+        if "cublas" in times and times[best] > times["cublas"] * (1.0 - margin):
+            best = "cublas"
+        if rules and rules[-1][1] == best:
+            rules[-1] = (m, best)
+        else:
+            rules.append((m, best))
+    return rules
+
+
 def build_table(prof: dict[str, list[dict]], *, gpu: str, dtype: str, margin: float, meta: dict,
                 attn_prof: dict[str, list[dict]] | None = None) -> DispatchTable:
     rules = {key: build_rules([(r["m"], r["times_us"]) for r in rows], margin=margin) for key, rows in prof.items()}
@@ -466,8 +415,10 @@ def environment() -> dict:
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="vla-accel-tune", description=__doc__.split("\n")[0])
-    p.add_argument("--preset", choices=["7b", "tiny"], help="model preset (default 7b when no --config)")
-    p.add_argument("--config", type=Path, help="HF-style config.json (text_config: hidden_size, ...)")
+    shapes = p.add_mutually_exclusive_group(required=True)
+    shapes.add_argument("--dims", type=int, nargs="+", metavar="N",
+                        help="hidden intermediate heads [kv_heads] of the backbone")
+    shapes.add_argument("--config", type=Path, help="HF-style config.json (text_config: hidden_size, ...)")
     p.add_argument("--m", type=int, nargs="+", default=M_GRID, help="grid of M (tokens)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     p.add_argument("--margin", type=float, default=0.01, help="a kernel must beat cuBLAS by this fraction")
@@ -475,14 +426,23 @@ def parse_args(argv):
     p.add_argument("--attn-l", type=int, nargs="*", default=ATTN_L_GRID,
                    help="sequence lengths for the attention tile configs (none: skip attention)")
     p.add_argument("--workers", type=int, default=12, help="processes compiling kernels in parallel")
-    p.add_argument("--out", type=Path, help="table path (default kernels/tables/<gpu>.json)")
-    return p.parse_args(argv)
+    p.add_argument("--out", type=Path, help="table path (default: the user's cache, table.user_table_path)")
+    args = p.parse_args(argv)
+    if args.dims is not None and len(args.dims) not in (3, 4):
+        p.error(f"--dims takes hidden intermediate heads [kv_heads]; got {args.dims}")
+    return args
 
 
 def dims_from_args(args) -> tuple[int, int, int, int]:
     if args.config is not None:
         return llm_dims_from_hf(json.loads(args.config.read_text()))
-    return llm_dims_from_preset(args.preset or "7b")
+    hidden, intermediate, heads = args.dims[:3]
+    return hidden, intermediate, heads, args.dims[3] if len(args.dims) == 4 else heads
+
+
+def output_path(args, gpu_name: str) -> Path:
+    """--out, else <user cache>/<gpu>.json: never the installed package."""
+    return args.out if args.out is not None else user_table_path(gpu_name)
 
 
 def shapes_from_args(args) -> list[LinearShape]:
@@ -520,7 +480,7 @@ def main(argv=None) -> int:
                         meta={**env, "m_grid": args.m, "margin": args.margin, "attn_l_grid": args.attn_l,
                               "shapes": {s.name: s.key for s in shapes}, "compile_failures": failures,
                               "timing": "median of 7 replays of a CUDA graph of >= 12 calls, weights rotated"})
-    out = args.out or TABLE_DIR / f"{gpu_slug(env['gpu'])}.json"
+    out = output_path(args, env["gpu"])
     table.save(out)
     print(f"wrote {out} in {time.time() - t0:.0f} s")
     for key in sorted(table.rules):

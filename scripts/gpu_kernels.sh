@@ -18,16 +18,12 @@ python -c "import torch, triton; print('torch', torch.__version__, 'triton', tri
 start=$(date +%s)
 # attention tiles are tuned on batch 1 and the ragged batch of 8 (worst ratio to SDPA); TUNE_ARGS passes more
 # options (e.g. TUNE_ARGS="--only o" to re-tune fewer GEMM shapes)
-python -m vla_accel.kernels.tune --preset 7b --out "$OUT/table.json" ${TUNE_ARGS:-} > "$OUT/tune.log" 2>&1
+# no --out: the table goes to the user's cache, where default_table (the tests, the benchmark) looks first
+python -m vla_accel.runtime.tune --preset 7b ${TUNE_ARGS:-} > "$OUT/tune.log" 2>&1
 echo "tune rc=$? after $(( $(date +%s) - start )) s"; grep -E "^attention:" "$OUT/tune.log"; tail -n 25 "$OUT/tune.log"
-# the tests and the benchmark read the packaged table: install the fresh one there
-python - "$OUT/table.json" <<'PY'
-import shutil, sys, torch
-from vla_accel.kernels.dispatch import TABLE_DIR, gpu_slug
-TABLE_DIR.mkdir(parents=True, exist_ok=True)
-shutil.copy(sys.argv[1], TABLE_DIR / f"{gpu_slug(torch.cuda.get_device_name())}.json")
-PY
+python -c "import torch; from vla_accel.kernels.table import user_table_path as p; print(p(torch.cuda.get_device_name()))" \
+  | xargs -I{} cp {} "$OUT/table.json"
 python -m pytest -q -m gpu tests/test_kernels_gpu.py -p no:cacheprovider > "$OUT/pytest_gpu.log" 2>&1
 echo "pytest rc=$? after $(( $(date +%s) - start )) s"; tail -n 12 "$OUT/pytest_gpu.log"
-python -m vla_accel.kernels.bench --out "$OUT" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
+python -m benchmarks.kernels --out "$OUT" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
 echo "bench rc=$? after $(( $(date +%s) - start )) s"; tail -n 60 "$OUT/bench.log"

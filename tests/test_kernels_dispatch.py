@@ -9,12 +9,17 @@ import torch
 if not torch.cuda.is_available():  # Triton's interpreter must be chosen before triton is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from vla_accel.kernels import (DispatchTable, GemmConfig, GemvConfig, build_rules, calibrate_phi, choose,  # noqa: E402
-                               load_table)
+from vla_accel.kernels import DispatchTable, GemmConfig, GemvConfig, calibrate_phi, choose, load_table  # noqa: E402
 from vla_accel.kernels.calibrate import SoftmaxCalibration, default_safe_range  # noqa: E402
-from vla_accel.kernels.dispatch import gpu_slug  # noqa: E402
-from vla_accel.kernels.tune import (candidates, compile_jobs, compile_signature, llm_dims_from_hf,  # noqa: E402
-                                    model_linear_shapes)
+from vla_accel.kernels.table import gpu_slug  # noqa: E402
+from vla_accel.kernels.tune import (  # noqa: E402
+    build_rules,
+    candidates,
+    compile_jobs,
+    compile_signature,
+    llm_dims_from_hf,
+    model_linear_shapes,
+)
 
 FLAT_S = GemmConfig(64, 16, 128, 4, 4, 4).name
 FLAT_L = GemmConfig(128, 128, 64, 8, 4, 1).name
@@ -194,3 +199,103 @@ def test_linear_residual_inplace_cublas():
     out = linear_residual(x, w, r, impl="cublas")  # the default leaves the residual alone
     assert out.data_ptr() != r.data_ptr()
     torch.testing.assert_close(out, want)
+
+
+# ---------------------------------------------------------------- layering, registry, where tables live
+def test_kernels_import_nothing_of_vla_accel_outside_themselves():
+    """kernels/ (vla_accel.kernels) sits at the bottom: its imports, read with ast, name no other vla_accel module
+    (absolute `vla_accel.x` with x != kernels, or a relative import climbing out of the package)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "kernels"
+    offenders = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level > 1:
+                offenders.append(f"{path.name}: from {'.' * node.level}{node.module or ''}")
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            offenders += [f"{path.name}: {n}" for n in names
+                          if n.split(".")[0] == "vla_accel" and not n.startswith("vla_accel.kernels")]
+    assert offenders == []
+
+
+def test_a_new_family_plugs_in_through_the_registry(tmp_path):
+    """One register() call: the table accepts the family's names, run_impl runs them, the tuner times them."""
+    from vla_accel.kernels import FAMILIES, GemmFamily, register, run_impl
+    from vla_accel.kernels.registry import family_of, parse_impl
+
+    def parse(name):
+        if name != "twice:x1":
+            raise ValueError(f"bad twice config name '{name}'")
+        return 2.0
+
+    calls = []
+
+    def run(x, w, config, *, bias=None, residual=None, gated=False, inplace=False):
+        calls.append(config)
+        return config * (x @ w.t())
+
+    register(GemmFamily("twice", parse, run, candidates=lambda op, n, k, m, sms: ["twice:x1"] if m <= 8 else [],
+                        example="twice:x1"))
+    try:
+        with pytest.raises(ValueError, match="registered already"):
+            register(GemmFamily("twice", parse, run))
+        table = DispatchTable(gpu="t", dtype="float32", rules={"linear:6x8": [(8, "twice:x1")]})
+        x, w = torch.randn(3, 8), torch.randn(6, 8)
+        assert choose(table, (6, 8), 3) == "twice:x1"
+        torch.testing.assert_close(run_impl("twice:x1", x, w), 2 * x @ w.t())
+        assert calls == [2.0]
+        assert "twice:x1" in candidates("linear", 6, 8, 4, 132)
+        assert "twice:x1" not in candidates("linear", 6, 8, 64, 132)
+        with pytest.raises(ValueError, match="bad twice config name"):
+            DispatchTable(rules={"linear:6x8": [(8, "twice:x2")]})
+    finally:
+        FAMILIES.pop("twice")
+        family_of.cache_clear()
+        parse_impl.cache_clear()
+    with pytest.raises(ValueError, match="unknown implementation 'twice:x1'; valid families"):
+        run_impl("twice:x1", x, w)
+
+
+def test_tuned_table_comes_from_the_user_cache_first(tmp_path, monkeypatch):
+    from vla_accel.kernels.table import TABLE_DIR, table_for_gpu, table_path, user_table_dir, user_table_path
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert user_table_dir() == tmp_path / "vla_accel" / "tables"
+    h100 = "NVIDIA H100 80GB HBM3"
+    assert table_path(h100) == TABLE_DIR / "nvidia-h100-80gb-hbm3.json"  # nothing tuned here: the packaged one
+    assert table_for_gpu(h100).rules  # (packaged rules)
+    assert table_for_gpu("Test GPU 9000").rules == {} and table_path("Test GPU 9000") is None
+    mine = DispatchTable(gpu=h100, rules={"linear:8x8": [(4, "cublas")]})
+    mine.save(user_table_path(h100))
+    assert table_path(h100) == tmp_path / "vla_accel" / "tables" / "nvidia-h100-80gb-hbm3.json"
+    assert table_for_gpu(h100).rules == {"linear:8x8": [(4, "cublas")]}
+    DispatchTable(gpu=h100, rules={"linear:8x8": [(2, "cublas")]}).save(user_table_path(h100))  # re-tuned
+    assert table_for_gpu(h100).rules == {"linear:8x8": [(2, "cublas")]}
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert user_table_dir() == tmp_path / "home" / ".cache" / "vla_accel" / "tables"
+
+
+def test_tuner_writes_where_asked_or_into_the_user_cache(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from vla_accel.kernels.tune import dims_from_args, output_path, parse_args
+    from vla_accel.runtime.tune import tuner_argv
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    args = parse_args(["--dims", "4096", "11008", "32"])
+    assert dims_from_args(args) == (4096, 11008, 32, 32)
+    want = tmp_path / "vla_accel" / "tables" / "nvidia-h100-80gb-hbm3.json"
+    assert output_path(args, "NVIDIA H100 80GB HBM3") == want
+    assert output_path(parse_args(["--dims", "8", "16", "2", "--out", "t.json"]), "x") == Path("t.json")
+    with pytest.raises(SystemExit):
+        parse_args([])  # shapes are required: --dims or --config
+    with pytest.raises(SystemExit):
+        parse_args(["--dims", "8", "16"])
+    # vla-accel-tune maps the project's presets onto --dims
+    assert tuner_argv(["--preset", "7b", "--m", "1"]) == ["--m", "1", "--dims", "4096", "11008", "32", "32"]
+    assert tuner_argv([])[-5:] == ["--dims", "4096", "11008", "32", "32"]  # default: 7b
+    assert tuner_argv(["--config", "c.json"]) == ["--config", "c.json"]

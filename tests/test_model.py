@@ -107,24 +107,6 @@ def test_unknown_tower_without_sizes_is_a_clear_error():
         OFTConfig.from_hf_config(d)
 
 
-class Recorder:
-    """A hook that records the backbone input and lets everything through."""
-
-    def __init__(self):
-        self.inputs = None
-
-    def before_layer(self, i, h, positions, key_mask):
-        if i == 0:
-            self.inputs = (h.clone(), positions.clone())
-        return h, positions, key_mask
-
-    def score_rows(self, i, positions, key_mask):
-        return None
-
-    def on_scores(self, *a):
-        raise AssertionError("no scores were asked for")
-
-
 def test_sequence_layout_placeholders_and_action_window():
     policy = random_policy("tiny", seed=3)
     model = policy.model
@@ -132,9 +114,13 @@ def test_sequence_layout_placeholders_and_action_window():
     ids = torch.tensor([[1, 10, 11, 12]])  # as tokenized: BOS + 3 tokens, no 29871 yet
     pixels = torch.randn(1, 12, 224, 224)
     proprio = torch.rand(1, 8) * 2 - 1
-    rec = Recorder()
-    norm, act_h = policy.predict_from_inputs(ids, pixels, proprio, hook=rec)
-    h, pos = rec.inputs
+    seen = []  # the backbone's input (h, positions)
+    hook = model.llm.register_forward_pre_hook(lambda mod, args: seen.append((args[0].clone(), args[1].clone())))
+    try:
+        norm, act_h = policy.predict_from_inputs(ids, pixels, proprio)
+    finally:
+        hook.remove()
+    h, pos = seen[0]
     E = model.llm.embed_tokens.weight
     # P = 5 prompt tokens once 29871 is appended -> 1 + 512 + 1 + 4 + 56 + 1 = 575 positions
     assert h.shape == (1, 575, 64) and pos[0].tolist() == list(range(575))

@@ -94,29 +94,18 @@ def test_pruned_forward_equals_plain_layers_on_kept_subset(policy):
     plan = plan_for_batch(cfg, actor.schedule, actor.dims, lens, k_local=torch.tensor([[16, 12], [25, 19]]),
                           similarity=(~changed).double(), max_static=torch.tensor([[200, 200], [220, 220]]),
                           global_prev=global_prev)
-    got, _ = policy.predict_from_inputs(ids, pixels, props, hook=plan)
+    got, _ = policy.predict_from_inputs(ids, pixels, props, decisions=plan)
     counts = [s["kept_per_layer"] for s in plan.summary()]
     assert counts[0] != counts[1] and counts[0][-1] < counts[0][0]  # pruned, and differently per sample
     for b in range(2):
         kept = {}
-        for i, pos in plan.kept_positions.items():
-            mask = plan.kept_mask[i]
-            kept[i] = pos[b] if mask is None else pos[b][mask[b]]
+        for i, k in plan.kept.items():
+            kept[i] = torch.from_numpy(k.positions[b, :k.counts[b]])
             assert torch.all(kept[i][1:] > kept[i][:-1])  # original order
             assert int((kept[i] > 512).sum()) == int(lens[b]) + 57  # every non-visual token survives
         assert len(kept) == len(plan.prune_layers)
         want = reference_forward(policy, ids[b], pixels[b], props[b], kept)
         torch.testing.assert_close(got[b:b + 1], want, **TOL)
-
-
-class Recorder(PrunePlan):
-    """A plan that also keeps what entered each scored layer."""
-
-    def before_layer(self, i, h, positions, key_mask):
-        h, positions, key_mask = super().before_layer(i, h, positions, key_mask)
-        self.inputs = getattr(self, "inputs", {})
-        self.inputs[i] = (h, positions, key_mask)
-        return h, positions, key_mask
 
 
 @torch.inference_mode()
@@ -127,16 +116,30 @@ def test_cheap_scores_equal_full_attention_matrices(policy):
     _, lens = policy.batch_ids(ids)
     similarity = torch.ones(2, 512)
     similarity[0, :100] = 0.0
-    plan = Recorder(actor.dims, actor.schedule, static=cfg.static, dynamic=cfg.dynamic, prompt_lens=lens,
-                    k_local=torch.tensor([[16, 12], [16, 12]]), similarity=similarity,
-                    max_static=torch.tensor([[200, 200], [200, 200]]))
-    policy.predict_from_inputs(ids, pixels, props, hook=plan)
+    plan = PrunePlan(actor.dims, actor.schedule, static=cfg.static, dynamic=cfg.dynamic, prompt_lens=lens,
+                     k_local=torch.tensor([[16, 12], [16, 12]]), similarity=similarity,
+                     max_static=torch.tensor([[200, 200], [200, 200]]))
     llm = policy.model.llm
+    inputs = {}  # what entered each scored layer: hidden states and the cos / sin of the positions
+    hooks = [llm.layers[i].register_forward_pre_hook(lambda mod, args, i=i: inputs.__setitem__(i, args[:3]))
+             for i in plan.score_layers]
+    try:
+        policy.predict_from_inputs(ids, pixels, props, decisions=plan)
+    finally:
+        for hk in hooks:
+            hk.remove()
     assert plan.score_layers == [0, 1, 3]
     for i in plan.score_layers:
-        h, pos, mask = plan.inputs[i]
+        h, cos, sin = inputs[i]
+        prior = [j for j in plan.kept if j <= i]  # the tokens entering layer i: the latest Keep, else all
+        if prior:
+            k = plan.kept[max(prior)]
+            pos, mask = torch.from_numpy(k.positions), None if k.uniform else torch.from_numpy(k.valid)
+        else:
+            total = lens + 570
+            pos = torch.arange(int(total.max()))[None].expand(2, -1)
+            mask = None if bool((total == total.max()).all()) else pos < total[:, None]
         layer = llm.layers[i]
-        cos, sin = llm.rope(pos, h.dtype)
         q, k, _ = layer.self_attn.qkv(layer.input_layernorm(h), cos, sin)
         logits = (q @ k.transpose(-1, -2)).float() / q.shape[-1] ** 0.5  # [B, H, S, S]: the full matrices
         if mask is not None:
@@ -156,4 +159,4 @@ def test_cheap_scores_equal_full_attention_matrices(policy):
             want = torch.full((512,), float("-inf"))
             want[pos[b][vis] - 1] = per_key[vis]
             torch.testing.assert_close(plan.visual_scores[i][b], want, atol=1e-7, rtol=1e-5)
-    assert plan.inputs[3][2] is not None  # layer 3 ran on a padded, pruned batch
+    assert not plan.kept[2].uniform  # layer 3 ran on a padded, pruned batch

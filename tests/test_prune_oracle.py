@@ -18,9 +18,11 @@ import numpy as np
 import pytest
 import torch
 
-from vla_accel.prune.config import LayerSchedule
+from vla_accel._device import to_device_async as to_device
+from vla_accel.model.llama import keep_tokens, score_rows_on
+from vla_accel.prune.config import DynamicConfig, LayerSchedule, StaticConfig
 from vla_accel.prune.flops import backbone_flops
-from vla_accel.prune.plan import Dims, PrunePlan, to_device
+from vla_accel.prune.plan import Dims, PrunePlan
 from vla_accel.prune.static import CHANGED, GLOBAL, LOCAL, descending_order
 
 from test_prune_model import specprune_cfg
@@ -66,7 +68,8 @@ def make_case(seed: int, B: int, layers: int, variant: str):
 
 
 def drive(plan, dims: Dims, lens, table) -> list[dict[str, Any]]:
-    """A minimal executor (h carries each token's position); -> what the plan returned at every layer."""
+    """A minimal executor on the padded layout (h carries each token's position) -> what it ran at every layer:
+    the oracle through its hook protocol, the plan through PruneDecisions applied as the reference applies them."""
     B = len(lens)
     total = lens + dims.n_vis + 1 + dims.num_tail
     S = int(total.max())
@@ -75,12 +78,23 @@ def drive(plan, dims: Dims, lens, table) -> list[dict[str, Any]]:
     h = positions[..., None].float().expand(B, S, 3).clone()
     seen = []
     for i in range(dims.num_layers):
-        h, positions, key_mask = plan.before_layer(i, h, positions, key_mask)
-        rows = plan.score_rows(i, positions, key_mask)
+        if isinstance(plan, OraclePlan):
+            h, positions, key_mask = plan.before_layer(i, h, positions, key_mask)
+            rows = plan.score_rows(i, positions, key_mask)
+        else:
+            keep = plan.keep(i)
+            if keep is not None:
+                h, positions, key_mask = keep_tokens(h, keep)
+            rows = plan.rows(i)
+            rows = None if rows is None else score_rows_on(rows, h.device)
         seen.append({"h": h, "positions": positions, "key_mask": key_mask, "rows": rows})
         if rows is not None:
             mass = table[i].gather(1, positions)
-            plan.on_scores(i, mass if key_mask is None else mass * key_mask, positions, key_mask)
+            mass = mass if key_mask is None else mass * key_mask
+            if isinstance(plan, OraclePlan):
+                plan.on_scores(i, mass, positions, key_mask)
+            else:
+                plan.scores(i, mass)
     return seen
 
 
@@ -114,10 +128,19 @@ def test_plan_equals_the_pre_port_oracle(seed, B, layers, variant):
     new, old = PrunePlan(dims, sched, **kw), OraclePlan(dims, sched, **kw)
     seen_new, seen_old = drive(new, dims, lens, table), drive(old, dims, lens, table)
     assert_same(seen_new, seen_old, "executor inputs")  # h, positions, key_mask, score rows at every layer
-    for name in ("score_layers", "prune_layers", "keep_visual", "kept_positions", "kept_mask", "rules",
-                 "dropped_after", "global_next", "changed", "k_local", "similarity", "max_static", "global_prev",
-                 "importance", "visual_scores", "host_reads"):
+    for name in ("score_layers", "prune_layers", "keep_visual", "rules", "dropped_after", "global_next", "changed",
+                 "k_local", "similarity", "max_static", "global_prev", "importance", "visual_scores", "host_reads"):
         assert_same(getattr(new, name), getattr(old, name), name)
+    # the oracle records the tokens after every prune layer, the plan only where some were dropped (else the tokens
+    # entering the layer are those of the latest Keep)
+    assert set(new.kept) <= set(old.kept_positions)
+    for i, pos in old.kept_positions.items():
+        if not any(j <= i for j in new.kept):  # nothing dropped yet: the oracle kept every token
+            assert old.kept_mask[i] is None and torch.equal(pos[0], torch.arange(pos.shape[1])), f"kept[{i}]"
+            continue
+        k = new.kept[max(j for j in new.kept if j <= i)]
+        assert_same((torch.from_numpy(k.positions), None if k.uniform else torch.from_numpy(k.valid)),
+                    (pos, old.kept_mask[i]), f"kept[{i}]")
     assert_same(new.summary(), old.summary(), "summary")
     assert any(s["tokens_kept"] < s["tokens_full"] for s in new.summary())  # it pruned (else it proves little)
 @pytest.mark.parametrize("shape", [(1, 2, 256), (8, 2, 256), (3, 512), (2, 7)])
@@ -156,7 +179,8 @@ def ranks_per_camera(scores: torch.Tensor, n_cams: int) -> torch.Tensor:
     return order_and_ranks(scores, n_cams)[1]
 
 
-def topk_per_camera(scores: torch.Tensor, k: torch.Tensor, n_cams: int, ranks: torch.Tensor | None = None) -> torch.Tensor:
+def topk_per_camera(scores: torch.Tensor, k: torch.Tensor, n_cams: int,
+                    ranks: torch.Tensor | None = None) -> torch.Tensor:
     """scores [B, n_vis] (-inf = absent), k [B, n_cams] long -> bool [B, n_vis]: the top k[b, c] present
     slots of camera c (fewer when fewer are present). ranks: `ranks_per_camera(scores, n_cams)` if known."""
     B, n_vis = scores.shape

@@ -7,9 +7,11 @@ importance at layers 0 and 2, a dynamic cut after layer 2.
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
+from vla_accel.model.llama import keep_tokens
 from vla_accel.prune.config import DynamicConfig, LayerSchedule, StaticConfig
 from vla_accel.prune.plan import Dims, PrunePlan
 from vla_accel.prune.static import CHANGED, GLOBAL, LOCAL
@@ -63,13 +65,15 @@ def driven():
     key_mask = positions < total[:, None]
     h = positions[..., None].float().expand(2, S, DIMS.hidden).clone()  # h carries its own position
     rows, seen = {}, {}
-    for i in range(DIMS.num_layers):
-        h, positions, key_mask = plan.before_layer(i, h, positions, key_mask)
+    for i in range(DIMS.num_layers):  # a minimal executor on the padded layout (the reference's keep_tokens)
+        keep = plan.keep(i)
+        if keep is not None:
+            h, positions, key_mask = keep_tokens(h, keep)
         seen[i] = (h, positions, key_mask)
-        r = plan.score_rows(i, positions, key_mask)
+        r = plan.rows(i)
         if r is not None:
-            rows[i] = r
-            plan.on_scores(i, mass_for(i, positions, key_mask), positions, key_mask)
+            rows[i] = (torch.from_numpy(r.index), torch.from_numpy(r.valid))
+            plan.scores(i, mass_for(i, positions, key_mask))
     return plan, rows, seen
 
 
@@ -129,7 +133,7 @@ def test_rows_and_compaction(driven):
     assert pos[0][mask[0]].tolist() == [0, 1, 8, 11] + list(range(13, 20))
     assert pos[1][mask[1]].tolist() == [0, 1, 11] + list(range(13, 22))
     assert torch.equal(h[..., 0][mask], pos[mask].float())
-    assert torch.equal(plan.kept_positions[3], pos)
+    assert np.array_equal(plan.kept[3].positions, pos.numpy()) and np.array_equal(plan.kept[3].valid, mask.numpy())
 
 
 def test_summary_counts_and_flops(driven):

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import vla_accel
-from vla_accel.prune import plan as plan_mod
+from vla_accel.model.llama import keep_tokens
 from vla_accel.prune.plan import PrunePlan
 
 from test_prune_model import INSTRUCTIONS, make_obs, specprune_cfg
@@ -81,30 +81,32 @@ def _unwrap(x):
 
 @contextlib.contextmanager
 def device_traffic():
-    """Inside: PrunePlan's hook methods see Dev tensors from the executor; `to_device` makes Dev tensors.
-    Yields the event log [(kind, name)]."""
+    """Inside: PrunePlan's PruneDecisions methods get the executor's key mass as a Dev tensor and must hand back
+    host data only (numpy: Keep, Rows). Yields the event log [(kind, name)]; a tensor coming back is logged as
+    ("returned", name)."""
     log: list = []
-    orig = {n: getattr(PrunePlan, n) for n in ("before_layer", "score_rows", "on_scores")}
-    orig_to_device = plan_mod.to_device
+    orig = {n: getattr(PrunePlan, n) for n in ("keep", "rows", "scores")}
 
-    def traced(f):
+    def traced(name, f):
         def g(self, i, *args):
             Dev.log = log
             try:
-                return _unwrap(f(self, i, *(_wrap(a) for a in args)))
+                out = f(self, i, *(_wrap(a) for a in args))
             finally:
                 Dev.log = None
+            fields = [] if out is None else [getattr(out, k) for k in vars(out)]
+            if any(isinstance(x, torch.Tensor) for x in fields):
+                log.append(("returned", name))
+            return out
         return g
 
     for n, f in orig.items():
-        setattr(PrunePlan, n, traced(f))
-    plan_mod.to_device = lambda x, device: orig_to_device(x, device).clone().as_subclass(Dev)
+        setattr(PrunePlan, n, traced(n, f))
     try:
         yield log
     finally:
         for n, f in orig.items():
             setattr(PrunePlan, n, f)
-        plan_mod.to_device = orig_to_device
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +136,8 @@ def _forward(policy, batch, executor=None, seed=0, steps=1):
     if executor is not None:
         from vla_accel.runtime import make_executor
 
-        make_executor(policy, {"name": executor, "on_cpu": "emulate"} if executor == "accel" else {"name": executor})
+        policy = make_executor(policy, {"name": executor, "on_cpu": "emulate"} if executor == "accel" else
+                               {"name": executor})
     actor = SpecPrune(policy, specprune_cfg())
     actor.reset(list(range(batch)))
     for t in range(steps):
@@ -148,12 +151,12 @@ def _forward(policy, batch, executor=None, seed=0, steps=1):
 @pytest.mark.parametrize("batch", [1, 3])
 def test_one_device_read_per_score_layer(policy, batch):
     """Per forward: exactly one device -> host read per score layer (the key mass the decisions need); none at
-    the prune layers (counts and indices are known on the host), no host/device mixing."""
+    the prune layers (counts and indices are known on the host), no host/device mixing, only host data back."""
     with device_traffic() as log:
         actor = _forward(policy, batch)
     plan = actor.last_plan
     reads = [n for k, n in log if k == "read"]
-    assert [n for k, n in log if k == "mixed"] == []
+    assert [n for k, n in log if k in ("mixed", "returned")] == []
     assert len(plan.score_layers) == 3 and len(plan.prune_layers) == 7
     assert reads == ["cpu"] * len(plan.score_layers), reads
     assert plan.host_reads == len(plan.score_layers)  # and they all went through the plan's one helper
@@ -250,17 +253,17 @@ def reference_decisions(plan: PrunePlan, mass: dict[int, torch.Tensor], kept_pos
 def test_kept_sets_match_an_independent_recomputation(batch, executor):
     pol = vla_accel.random_policy("tiny", device="cpu", dtype=torch.float32, seed=3)
     seen: dict = {}
-    orig = PrunePlan.on_scores
+    orig = PrunePlan.scores
 
-    def spy(self, i, key_mass, positions, key_mask):
-        seen.setdefault(id(self), {})[i] = (key_mass.detach().clone().cpu(), positions.detach().clone().cpu())
-        return orig(self, i, key_mass, positions, key_mask)
+    def spy(self, i, key_mass):  # the key mass the executor handed over, and the positions it held then
+        seen.setdefault(id(self), {})[i] = (key_mass.detach().clone().cpu(), positions_at(self, i))
+        return orig(self, i, key_mass)
 
-    PrunePlan.on_scores = spy
+    PrunePlan.scores = spy
     try:
         actor = _forward(pol, batch, executor=executor, seed=7, steps=2)  # step 2: global rule from history
     finally:
-        PrunePlan.on_scores = orig
+        PrunePlan.scores = orig
     plan = actor.last_plan
     rec = seen[id(plan)]
     want = reference_decisions(plan, {i: m for i, (m, _) in rec.items()}, {i: p for i, (_, p) in rec.items()})
@@ -272,11 +275,20 @@ def test_kept_sets_match_an_independent_recomputation(batch, executor):
             assert got == want[layer][b], (layer, b)
         present &= plan.keep_visual[layer]
         # and the executor really got those tokens: original positions entering the next layer
-        pos, mask = plan.kept_positions[layer + 1], plan.kept_mask[layer + 1]
+        pos = positions_at(plan, layer + 1)  # (padding: position 0, not visual)
         for b in range(batch):
-            p = pos[b] if mask is None else pos[b][mask[b]]
-            vis = [int(x) - 1 for x in p.cpu() if 1 <= int(x) <= plan.dims.n_vis]
+            vis = [int(x) - 1 for x in pos[b] if 1 <= int(x) <= plan.dims.n_vis]
             assert vis == torch.nonzero(present[b]).flatten().tolist()  # ascending, exactly the kept slots
+
+
+def positions_at(plan: PrunePlan, i: int) -> torch.Tensor:
+    """[B, S_i] original positions of the tokens entering layer i (padding 0): the latest Keep, else the unpruned
+    sequence."""
+    prior = [j for j in plan.kept if j <= i]
+    if prior:
+        return torch.from_numpy(plan.kept[max(prior)].positions)
+    S = int(plan.nv_count.max()) + 1 + plan.dims.n_vis
+    return torch.arange(S)[None].expand(plan.B, S)
 
 
 # ---------------------------------------------------------------------------- the plan driven directly
@@ -289,14 +301,16 @@ def _drive(plan: PrunePlan, lens, mass_fn):
     key_mask = positions < total[:, None]
     h = positions[..., None].float().expand(B, S, 4).clone()
     masses, seen_pos = {}, {}
-    for i in range(plan.dims.num_layers):
-        h, positions, key_mask = plan.before_layer(i, h, positions, key_mask)
+    for i in range(plan.dims.num_layers):  # the padded layout, as the reference applies the decisions
+        keep = plan.keep(i)
+        if keep is not None:
+            h, positions, key_mask = keep_tokens(h, keep)
         assert torch.equal(h[..., 0].long() if key_mask is None else h[..., 0].long()[key_mask],
                            positions if key_mask is None else positions[key_mask])
-        if plan.score_rows(i, positions, key_mask) is not None:
+        if plan.rows(i) is not None:
             m = mass_fn(i, positions, key_mask)
             masses[i], seen_pos[i] = m.clone(), positions.clone()
-            plan.on_scores(i, m, positions, key_mask)
+            plan.scores(i, m)
             if i in plan.importance_layers and i not in plan.static_layers:
                 assert plan._pending is not None  # read, folded in later
     return masses, seen_pos

@@ -1,5 +1,6 @@
-"""CPU: `vla-accel-bench e2e` runs end to end on the tiny model (emulated graphs) and its equivalence checks
-pass at fp32 tolerance; `vla-accel-bench` dispatches its subcommands."""
+"""CPU: the benchmarks (`python -m benchmarks.e2e`, `benchmarks.profile`) run end to end on the tiny model
+(emulated graphs) and the e2e equivalence checks pass at fp32 tolerance; the targets are data; no installed module
+imports benchmarks/."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vla_accel.bench import main as dispatch
+from benchmarks.e2e import check_targets, load_targets, main as e2e
 
 
 def tiny_trace(path: Path, steps: int = 3) -> Path:
@@ -29,7 +30,7 @@ def tiny_trace(path: Path, steps: int = 3) -> Path:
 @pytest.mark.slow
 def test_bench_e2e_smoke(tmp_path):
     trace = tiny_trace(tmp_path)
-    dispatch(["e2e", "--trace", str(trace), "--preset", "tiny", "--device", "cpu", "--steps", "3", "--allow-short",
+    e2e(["--trace", str(trace), "--preset", "tiny", "--device", "cpu", "--steps", "3", "--allow-short",
               "--configs", "b,c,d,e", "--streams", "2", "--check-every", "1", "--out", str(tmp_path / "out")])
     res = json.loads((tmp_path / "out" / "e2e.json").read_text())
     assert not res["errors"], res["errors"]
@@ -44,26 +45,57 @@ def test_bench_e2e_smoke(tmp_path):
 
 @pytest.mark.slow
 def test_profile_smoke(tmp_path):
-    """`python -m vla_accel.runtime.profile` on the tiny model on CPU: every section runs and is written (the GPU-only
+    """`python -m benchmarks.profile` on the tiny model on CPU: every section runs and is written (the GPU-only
     parts -- kernel timings, sync audit, traces -- are left out there, and say so)."""
-    from vla_accel.runtime.profile import main as profile
+    from benchmarks.profile import main as profile
 
     trace = tiny_trace(tmp_path)
-    profile(["--trace", str(trace), "--preset", "tiny", "--device", "cpu", "--steps", "3", "--out", str(tmp_path / "p")])
+    profile(["--trace", str(trace), "--preset", "tiny", "--device", "cpu", "--steps", "3",
+             "--out", str(tmp_path / "p")])
     out = tmp_path / "p"
     summary = json.loads((out / "summary.json").read_text())
     assert {"vision", "c", "d", "d_replay", "d_host_breakdown"} <= set(summary)
     host = summary["d_host_breakdown"]
-    assert host["PrunePlan.on_scores"]["calls_per_query"] == 3  # score layers 0, 1, 3 of the tiny schedule
+    assert host["PrunePlan.scores"]["calls_per_query"] == 3  # score layers 0, 1, 3 of the tiny schedule
     assert host["AccelRunner.forward"]["calls_per_query"] == 1 and host["_latency_ms_median"] > 0
     for name in ("kernels_c.txt", "host_d.txt", "host_d_ops.txt"):
         assert (out / name).stat().st_size > 0
     assert "GPU only" in (out / "ops_error.txt").read_text()
 
 
-def test_bench_dispatch_errors():
-    with pytest.raises(SystemExit, match="unknown command 'train'"):
-        dispatch(["train"])
+def test_bench_needs_a_long_trace(tmp_path):
     with pytest.raises(SystemExit, match="need >= 50 consecutive steps"):
-        dispatch(["e2e", "--trace", str(tiny_trace(Path(__import__("tempfile").mkdtemp()))), "--preset", "tiny",
-                  "--device", "cpu"])
+        e2e(["--trace", str(tiny_trace(tmp_path)), "--preset", "tiny", "--device", "cpu"])
+
+
+def test_targets_are_data(tmp_path):
+    configs = {"c": {"latency_ms": {"median": 13.0}, "floor_ms": 10.0},
+               "d": {"latency_ms": {"median": 5.0}, "floor_at_mean_tokens_ms": 4.0, "chunks_per_s": 200.0},
+               "a": {"latency_ms": {"median": 40.0}}}
+    got = check_targets(configs, load_targets())  # benchmarks/targets.json
+    assert got["c_le_1.3x_floor"] == {"ratio": 1.3, "met": True}
+    assert got["d_le_1.3x_floor_at_mean_tokens"] == {"ratio": 1.25, "met": True}
+    assert got["d_ge_4x_faster_than_a"] == {"ratio": 8.0, "met": True}
+    assert "e_ge_4x_chunks_per_s_of_d" not in got  # (e) not measured: left out
+    mine = tmp_path / "t.json"
+    mine.write_text(json.dumps({"e2e": [{"name": "c fast", "ratio": ["c.latency_ms.median", "c.floor_ms"],
+                                         "at_most": 1.2}]}))
+    assert check_targets(configs, load_targets(mine)) == {"c fast": {"ratio": 1.3, "met": False}}
+    mine.write_text(json.dumps({"e2e": [{"name": "bad", "ratio": ["c.floor_ms"]}]}))
+    with pytest.raises(ValueError, match="needs a name, ratio"):
+        load_targets(mine)
+
+
+def test_no_installed_module_imports_benchmarks():
+    """benchmarks/ is run from a checkout; the installed package (vla_accel, kernels, envs, configs) never needs it."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    offenders = []
+    for folder in ("vla_accel", "kernels", "envs", "configs"):
+        for path in (root / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                         [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+                offenders += [f"{path.relative_to(root)}: {n}" for n in names if n.split(".")[0] == "benchmarks"]
+    assert offenders == []

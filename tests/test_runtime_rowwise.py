@@ -17,8 +17,12 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton")
 
 from vla_accel.kernels import rowwise as R  # noqa: E402
-from vla_accel.model.llama import apply_rope, rope_cos_sin  # noqa: E402
-from vla_accel.runtime.fused import rope_table  # noqa: E402
+from vla_accel.model.llama import rope_cos_sin, silu_mul  # noqa: E402
+from vla_accel.model.vit import add_layer_norm  # noqa: E402
+from vla_accel.runtime.config import RuntimeConfig  # noqa: E402
+from vla_accel.runtime.fused import Ops, rope_table  # noqa: E402
+
+from refs import rope_split_ref  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 ROWS = [1, 7, 83]
@@ -53,11 +57,37 @@ def test_rope_split_matches_model(T, dtype):
     qkv = torch.randn(T, 3 * H * d, generator=g).to(DEV, dtype)
     pos = torch.randint(0, 700, (T,), generator=g).to(DEV)
     cos, sin = rope_table(1024, d, 10000.0, dtype, DEV)
-    q, k = R.rope_split(qkv, pos, cos, sin, H)
-    c, s = rope_cos_sin(pos[None], d, 10000.0, dtype)  # the model's own RoPE
-    for got, part in ((q, 0), (k, 1)):
-        x = qkv[:, part * H * d:(part + 1) * H * d].view(1, T, H, d).transpose(1, 2)
-        torch.testing.assert_close(got, apply_rope(x, c, s).transpose(1, 2)[0], **TOL[dtype])
+    want = rope_split_ref(qkv, pos, H)  # the model's own RoPE
+    for got, ref in zip(R.rope_split(qkv, pos, cos, sin, H), want):
+        torch.testing.assert_close(got, ref, **TOL[dtype])
+    for got, ref in zip(Ops(RuntimeConfig(rowwise="torch"), DEV, dtype).rope(qkv, pos, cos, sin, H), want):
+        assert torch.equal(got, ref)  # the fallback IS the model's arithmetic on the runtime's half-tables
+
+
+def test_rope_table_is_the_models():
+    """The runtime's half-tables are the model's cos / sin, bit for bit (both halves of cat(freqs, freqs))."""
+    for dtype in (torch.float32, torch.bfloat16):
+        cos, sin = rope_table(700, 16, 10000.0, dtype, "cpu")
+        c, s = rope_cos_sin(torch.arange(700)[None], 16, 10000.0, dtype)
+        assert torch.equal(torch.cat([cos, cos], -1), c[0, 0]) and torch.equal(torch.cat([sin, sin], -1), s[0, 0])
+
+
+def test_add_layer_norm_is_what_the_blocks_compute():
+    """vit.add_layer_norm (the reference of the fused tower op) == a DINOv2 block's residual update + the next
+    LayerNorm through the model's own modules, bit for bit in bf16."""
+    from vla_accel.model.config import oft_tiny
+    from vla_accel.model.vit import Block
+
+    torch.manual_seed(0)
+    cfg = next(t for t in oft_tiny().towers if t.layer_scale)
+    blk = Block(cfg).to(torch.bfloat16)
+    scale = next(blk.ls1.parameters())  # LayerScale's one parameter
+    with torch.no_grad():
+        scale.normal_()
+        x, r = torch.randn(2, 7, cfg.width, dtype=torch.bfloat16), torch.randn(2, 7, cfg.width, dtype=torch.bfloat16)
+        got_x, got_y = add_layer_norm(x, r, scale, blk.norm2.weight, blk.norm2.bias, blk.norm2.eps)
+        want_x = x + blk.ls1(r)
+        assert torch.equal(got_x, want_x) and torch.equal(got_y, blk.norm2(want_x))
 
 
 @pytest.mark.parametrize("T", ROWS)
@@ -65,7 +95,7 @@ def test_rope_split_matches_model(T, dtype):
 def test_silu_mul(T, dtype):
     gu = torch.randn(T, 2 * 172, generator=torch.Generator().manual_seed(T)).to(DEV, dtype)
     g, u = gu.chunk(2, dim=-1)
-    torch.testing.assert_close(R.silu_mul(gu), torch.nn.functional.silu(g) * u, **TOL[dtype])
+    torch.testing.assert_close(R.silu_mul(gu), silu_mul(g, u), **TOL[dtype])
 
 
 def test_shape_errors():
@@ -80,8 +110,9 @@ def test_shape_errors():
 @pytest.mark.parametrize("with_scale", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([torch.bfloat16] if DEV == "cuda" else []))
 def test_add_layer_norm_matches_tower_arithmetic(T, with_scale, dtype):
-    """x += r * g in place, then LayerNorm: against torch.addcmul + F.layer_norm (what vit.py computes). D = 72 is
-    not a power of two (masked lanes); bf16 only on a GPU (the interpreter's bf16 casts are not the GPU's)."""
+    """x += r * g in place, then LayerNorm: against the towers' own arithmetic (vit.add_layer_norm; it rounds r * g
+    before the sum, the kernel rounds once: within the tolerances). D = 72 is not a power of two (masked lanes);
+    bf16 only on a GPU (the interpreter's bf16 casts are not the GPU's)."""
     g = torch.Generator().manual_seed(100 + T)
     D = 72
     x = torch.randn(T, D, generator=g).to(DEV, dtype)
@@ -89,8 +120,7 @@ def test_add_layer_norm_matches_tower_arithmetic(T, with_scale, dtype):
     gam = (0.1 * torch.randn(D, generator=g)).to(DEV, dtype) if with_scale else None
     w = (1 + 0.1 * torch.randn(D, generator=g)).to(DEV, dtype)
     b = (0.1 * torch.randn(D, generator=g)).to(DEV, dtype)
-    x_ref = x.clone()
-    want = R.add_layer_norm_reference(x_ref, r, gam, w, b, 1e-6)
+    x_ref, want = add_layer_norm(x.clone(), r, gam, w, b, 1e-6)
     got = R.add_layer_norm(x, r, gam, w, b, 1e-6)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-3, atol=4e-3) \
         if dtype == torch.float16 else TOL[torch.bfloat16]

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 import vla_accel
-from vla_accel.runtime import AccelRunner, RuntimeConfig, RuntimeConfigError, hook_segments, make_executor
-from vla_accel.runtime.bench import WordTokenizer, prune_config
-from vla_accel.runtime.plan import KeepPlan
+from benchmarks.e2e import WordTokenizer, prune_config
+from vla_accel.protocols import Executor, Rows
+from vla_accel.prune import KeepPlan
+from vla_accel.runtime import AccelRunner, RuntimeConfig, RuntimeConfigError, make_executor, segments
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 PROMPT_LENS = [[31], [31, 24], [12, 31, 27], [20, 20]]  # single, ragged, odd batch size (eager), equal lengths
@@ -30,9 +31,7 @@ def tiny_policy(runtime=None):
     """A fresh tiny random policy with the word-level stand-in tokenizer, on `runtime` (None: the plain model)."""
     pol = vla_accel.random_policy("tiny", device="cpu", dtype=torch.float32, seed=0)
     pol.tokenizer = WordTokenizer()
-    if runtime is not None:
-        make_executor(pol, runtime)
-    return pol
+    return pol if runtime is None else make_executor(pol, runtime)
 
 
 def inputs(lens, seed=0):
@@ -46,9 +45,9 @@ def inputs(lens, seed=0):
     return ids, torch.randn(B, 12, 224, 224, generator=g), torch.rand(B, 8, generator=g) * 2 - 1, torch.tensor(lens)
 
 
-def reference(model, args, hook=None):
+def reference(model, args, decisions=None):
     with torch.inference_mode():
-        return model(*args[:3], prompt_lens=args[3], hook=hook)
+        return model(*args[:3], prompt_lens=args[3], decisions=decisions)
 
 
 def assert_same(got, want):
@@ -65,13 +64,9 @@ def random_keep_plan(lens, layers_fracs, seed=1):
         cur = []
         for p in prev:
             vis, non = p[(p >= 1) & (p <= 512)], p[(p < 1) | (p > 512)]
-            cur.append(torch.cat([non, vis[torch.randperm(len(vis), generator=g)[:int(len(vis) * frac)]]]).sort().values)
-        width = max(len(c) for c in cur)
-        pos = torch.zeros(len(lens), width, dtype=torch.long)
-        mask = torch.zeros(len(lens), width, dtype=torch.bool)
-        for b, c in enumerate(cur):
-            pos[b, :len(c)], mask[b, :len(c)] = c, True
-        keep[layer] = (pos, None if all(len(c) == width for c in cur) else mask)
+            pick = torch.randperm(len(vis), generator=g)[:int(len(vis) * frac)]
+            cur.append(torch.cat([non, vis[pick]]).sort().values)
+        keep[layer] = cur
         prev = cur
     return KeepPlan(keep)
 
@@ -95,37 +90,43 @@ def test_buckets(tokens, bucket):
 
 
 class Recorder:
-    """A generic hook (no layer declarations): records the protocol calls, changes nothing."""
+    """Decisions that drop nothing: record the protocol calls; rows 513..519 (proprio, prompt) at `score_at`."""
+
+    prune_layers, blocking_layers = (), ()
 
     def __init__(self, score_at=()):
-        self.calls, self.score_at = [], set(score_at)
+        self.calls, self.score_layers = [], sorted(score_at)
 
-    def before_layer(self, i, h, positions, key_mask):
-        self.calls.append(("before", i, tuple(h.shape)))
-        return h, positions, key_mask
+    def keep(self, i):
+        self.calls.append(("keep", i))
+        return None
 
-    def score_rows(self, i, positions, key_mask):
+    def rows(self, i):
         self.calls.append(("rows", i))
-        if i not in self.score_at:
+        if i not in self.score_layers:
             return None
-        B = positions.shape[0]
-        return torch.arange(513, 520)[None].expand(B, 7), torch.ones(B, 7, dtype=torch.bool)
+        return Rows(np.tile(np.arange(513, 520), (self.B, 1)), np.ones((self.B, 7), dtype=bool))
 
-    def on_scores(self, i, key_mass, positions, key_mask):
+    def scores(self, i, key_mass):
         self.calls.append(("scores", i, tuple(key_mass.shape), round(float(key_mass.sum()), 4)))
 
 
-def test_hook_segments():
-    assert hook_segments(None, 8) == [(0, 7)]
-    assert hook_segments(Recorder(), 4) == [(0, 0), (1, 1), (2, 2), (3, 3)]
-    plan = KeepPlan({2: (torch.zeros(1, 1, dtype=torch.long), None), 6: (torch.zeros(1, 1, dtype=torch.long), None)})
-    assert hook_segments(plan, 8) == [(0, 1), (2, 5), (6, 7)]
+def test_segments():
+    assert segments(None, 8) == [(0, 7)]
+    assert segments(Recorder(), 4) == [(0, 3)]
+    assert segments(Recorder(score_at=(1,)), 4) == [(0, 1), (2, 3)]
+    plan = KeepPlan({2: [[0]], 6: [[0]]})
+    assert segments(plan, 8) == [(0, 1), (2, 5), (6, 7)]
 
     class Declared:
         score_layers, prune_layers = [0, 1, 12], [0, 1, 5, 10, 15, 20, 25]
 
-    assert hook_segments(Declared(), 32) == [(0, 0), (1, 1), (2, 5), (6, 10), (11, 12), (13, 15), (16, 20),
-                                             (21, 25), (26, 31)]
+    assert segments(Declared(), 32) == [(0, 0), (1, 1), (2, 5), (6, 10), (11, 12), (13, 15), (16, 20),
+                                        (21, 25), (26, 31)]
+
+
+def test_executors_declare_the_protocol(policy):
+    assert isinstance(policy.model, Executor) and isinstance(AccelRunner(policy.model, RuntimeConfig()), Executor)
 
 
 # ---------------------------------------------------------------- forward equivalence
@@ -160,7 +161,7 @@ def test_beyond_buckets_runs_eagerly(policy):
     assert_same(runner(*args[:3], prompt_lens=args[3]), reference(policy.model, args))
     assert runner.last_stats["segments"][0][4] is False  # 601 rows > 256: eager
     plan = random_keep_plan([31], [(1, 0.2)])  # 601 -> 89 + 102 = 191 rows after layer 0: back in a bucket
-    out = runner(*args[:3], prompt_lens=args[3], hook=plan)
+    out = runner(*args[:3], prompt_lens=args[3], decisions=plan)
     assert_same(out, reference(policy.model, args, plan))
     assert [s[4] for s in runner.last_stats["segments"]] == [False, True]
 
@@ -170,7 +171,7 @@ def test_plan_application_ragged(policy, lens):
     plan = random_keep_plan(lens, [(1, 0.3), (3, 0.5), (6, 0.4)])
     runner = AccelRunner(policy.model, RuntimeConfig())
     args = inputs(lens, seed=2)
-    got = runner(*args[:3], prompt_lens=args[3], hook=plan)
+    got = runner(*args[:3], prompt_lens=args[3], decisions=plan)
     want = reference(policy.model, args, plan)
     assert_same(got, want)
     assert not torch.allclose(want[0], reference(policy.model, args)[0])  # the plan changes the answer
@@ -179,29 +180,40 @@ def test_plan_application_ragged(policy, lens):
     assert counts[0] > counts[1] > counts[2] > counts[3]
 
 
-def test_hook_protocol_order_and_scores(policy):
-    """A generic hook sees the same calls, shapes and key mass as on the reference model."""
+def test_decisions_protocol_order_and_scores(policy):
+    """Decisions see the same calls, in the same order, and the same key mass from both executors."""
     args = inputs([31, 24])
     rec_ref, rec_acc = Recorder(score_at=(0, 5)), Recorder(score_at=(0, 5))
+    rec_ref.B = rec_acc.B = 2
     reference(policy.model, args, rec_ref)
-    AccelRunner(policy.model, RuntimeConfig())(*args[:3], prompt_lens=args[3], hook=rec_acc)
+    AccelRunner(policy.model, RuntimeConfig())(*args[:3], prompt_lens=args[3], decisions=rec_acc)
     assert [c[:3] for c in rec_acc.calls] == [c[:3] for c in rec_ref.calls]
+    assert [c[0] for c in rec_ref.calls[:3]] == ["keep", "rows", "scores"]
     mass_acc = [c[3] for c in rec_acc.calls if c[0] == "scores"]
     mass_ref = [c[3] for c in rec_ref.calls if c[0] == "scores"]
     assert mass_acc == pytest.approx(mass_ref, rel=1e-4) and len(mass_ref) == 2
 
 
 def test_undeclared_change_inside_segment_fails(policy):
-    class Liar(KeepPlan):  # drops tokens before layer 3 but declares no prune layer there
-        def __init__(self, keep):
-            super().__init__(keep)
-            self.prune_layers = []
-
     lens = [31]
     plan = random_keep_plan(lens, [(3, 0.5)])
+    plan.prune_layers = []  # drops tokens before layer 3 but declares no prune layer there
     args = inputs(lens)
     with pytest.raises(RuntimeError, match="prune_layers"):
-        AccelRunner(policy.model, RuntimeConfig())(*args[:3], prompt_lens=args[3], hook=Liar(plan.keep))
+        AccelRunner(policy.model, RuntimeConfig())(*args[:3], prompt_lens=args[3], decisions=plan)
+
+
+def test_keep_plan_checks_its_positions(policy):
+    with pytest.raises(ValueError, match="layers >= 1"):
+        KeepPlan({0: [[0, 1]]})
+    with pytest.raises(ValueError, match="strictly ascending"):
+        KeepPlan({2: [[0, 5, 3]]})
+    plan = KeepPlan({2: [[0, 1, 2, 600]], 4: [[0, 2, 7]]})  # 7 was dropped before layer 2
+    assert plan.keep(0) is None and plan.keep(1) is None
+    k = plan.keep(2)
+    assert k.index.tolist() == [[0, 1, 2, 600]] and k.counts.tolist() == [4]  # the unpruned sequence: index == position
+    with pytest.raises(ValueError, match="not in the sequence"):
+        plan.keep(4)
 
 
 def test_specprune_same_decisions_and_actions():
@@ -228,10 +240,9 @@ def test_specprune_same_decisions_and_actions():
         np.testing.assert_allclose(a_acc, a_ref, rtol=1e-5, atol=1e-5)
 
 
-def test_specprune_ragged_batch_uses_host_counts():
+def test_specprune_ragged_batch_packs_from_host_decisions():
     """Ragged SpecPrune batch (prompts of different lengths): the runner packs each pruned layer from the plan's
-    host counts (PrunePlan.kept_counts, no device read); they equal the key masks, and actions equal the
-    reference's under the same decisions."""
+    host Keep (counts and indices, no device read), and actions equal the reference's under the same decisions."""
     from vla_accel.prune import make_actor
 
     cfg = prune_config(None)  # configs/prune/specprune.yaml
@@ -244,19 +255,15 @@ def test_specprune_ragged_batch_uses_host_counts():
     texts = ["pick up the bowl", "put the black bowl on the plate next to the cookie box", "open the drawer"]
     actions, _ = actor.act_batch(obs, texts, [0, 1, 2])
     plan = actor.last_plan
-    assert plan.kept_counts and any(plan.kept_mask[i] is not None for i in plan.kept_counts)
-    for i, counts in plan.kept_counts.items():
-        mask = plan.kept_mask[i]
-        want = mask.sum(1) if mask is not None else torch.full((3,), plan.kept_positions[i].shape[1])
-        assert counts.tolist() == want.tolist()
+    assert plan.kept and any(not k.uniform for k in plan.kept.values())
     rows = {a: T for a, _, T, _, _ in runner.last_stats["segments"]}
-    for i, counts in plan.kept_counts.items():
-        assert rows[i] == int(counts.sum())
+    for i, k in plan.kept.items():
+        assert rows[i] == int(k.counts.sum())
     ids, pix, prop = pol.prepare(obs, texts)
     ids_t, lens = pol.batch_ids(ids)
     with torch.inference_mode():
-        ref = pol.model(ids_t, pix, prop, prompt_lens=lens, hook=KeepPlan.from_prune_plan(plan))[0]
-    acc = runner(ids_t, pix, prop, prompt_lens=lens, hook=KeepPlan.from_prune_plan(plan))[0]
+        ref = pol.model(ids_t, pix, prop, prompt_lens=lens, decisions=KeepPlan.from_prune_plan(plan))[0]
+    acc = runner(ids_t, pix, prop, prompt_lens=lens, decisions=KeepPlan.from_prune_plan(plan))[0]
     torch.testing.assert_close(acc, ref, rtol=1e-5, atol=1e-5)
     assert np.isfinite(actions).all()
 
@@ -265,7 +272,7 @@ def test_specprune_ragged_batch_uses_host_counts():
 def test_specprune_kernel_scores_same_decisions(texts):
     """SpecPrune with the attention kernel's key mass (runtime.scores=kernel, Triton interpreter on CPU): the
     same token sets and actions as the reference executor. One stream: the score rows are selected from the
-    plan's host rows (no device ops); two streams of different prompt lengths: the device path."""
+    plan's host rows on uniform packed rows; two streams of different prompt lengths: on ragged packed rows."""
     from vla_accel.prune import make_actor
 
     cfg = prune_config(None)  # configs/prune/specprune.yaml
@@ -288,17 +295,19 @@ def test_specprune_kernel_scores_same_decisions(texts):
 # ---------------------------------------------------------------- policy integration
 def test_make_executor_and_predict(policy):
     pol = tiny_policy()
-    assert make_executor(pol, {"name": "reference"}).executor is pol.model
+    assert make_executor(pol, {"name": "reference"}) is pol and pol.executor is pol.model
     rng = np.random.default_rng(1)
     obs = {"full_image": rng.integers(0, 255, (128, 128, 3), dtype=np.uint8),
            "wrist_image": rng.integers(0, 255, (128, 128, 3), dtype=np.uint8), "state": np.zeros(8)}
     want = pol.predict(obs, "put the bowl on the plate")
     q_before = pol.model.llm.layers[0].self_attn.q_proj.weight.detach().clone()
-    make_executor(pol, {"name": "accel", "on_cpu": "emulate"})
-    assert pol.executor_name == "accel-emulate-cpu" and pol.describe()["runtime"]["mode"] == "emulate"
-    np.testing.assert_allclose(pol.predict(obs, "put the bowl on the plate"), want, rtol=1e-5, atol=1e-5)
+    fast = make_executor(pol, {"name": "accel", "on_cpu": "emulate"})
+    assert pol.executor is pol.model and pol.describe()["executor"] == "reference"  # passed in, not patched on
+    assert fast.model is pol.model and fast.describe()["executor"] == "accel-emulate-cpu"
+    assert fast.describe()["runtime"]["mode"] == "emulate" and "runtime" not in pol.describe()
+    np.testing.assert_allclose(fast.predict(obs, "put the bowl on the plate"), want, rtol=1e-5, atol=1e-5)
     # share_weights: the model's q_proj is now a row view of the fused QKV buffer, same values
-    fused = pol.executor.layers[0].qkv
+    fused = fast.executor.layers[0].qkv
     q = pol.model.llm.layers[0].self_attn.q_proj.weight
     assert q.data_ptr() == fused.data_ptr() and torch.equal(q, q_before)
     with pytest.raises(RuntimeError, match="needs a CUDA GPU"):

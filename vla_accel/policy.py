@@ -8,13 +8,17 @@
 
 `ChunkedActor(policy)` executes chunks open loop, one queue per stream (env), and queries the
 policy once per step for all streams whose queue is empty (one batched forward).
+
+The forward is the policy's executor (vla_accel.protocols.Executor): the plain model by default, or another one
+passed in: `policy.with_executor(runner)` (vla_accel.runtime.make_executor builds the accelerated one).
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from collections import deque
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -22,6 +26,7 @@ import torch
 from . import processing as P
 from ._device import to_device_async
 from .model.oft import OpenVLAOFT
+from .protocols import Executor, PruneDecisions
 from .tokenizer import tokenize_prompt, with_empty_token
 
 Obs = dict[str, Any]
@@ -46,7 +51,8 @@ def resolve_unnorm_key(stats: dict, key: str | None) -> str:
 class Policy:
     def __init__(self, model: OpenVLAOFT, *, norm_stats: dict, unnorm_key: str | None = None,
                  image_norm: P.ImageNorm | None = None, tokenizer=None, random_weights: bool = False,
-                 source: str | None = None, center_crop: bool = True, jpeg: bool = True):
+                 source: str | None = None, center_crop: bool = True, jpeg: bool = True,
+                 executor: Executor | None = None):
         self.model = model.eval()
         self.cfg = model.cfg
         self.norm_stats = norm_stats
@@ -61,11 +67,15 @@ class Policy:
         self.random_weights = random_weights
         self.source = source
         self.center_crop, self.jpeg = center_crop, jpeg
-        # The forward used by predict_from_inputs; an accelerated runtime replaces it
-        # (same signature as OpenVLAOFT.forward).
-        self.executor: Callable = self.model
-        self.executor_name = "reference"
+        self.executor: Executor = executor if executor is not None else self.model  # the forward (model: reference)
         self.last_stats: dict[str, Any] = {}
+
+    def with_executor(self, executor: Executor) -> "Policy":
+        """A policy sharing everything with this one (model, statistics, tokenizer, pre-processing) whose forward
+        is `executor`; this one is left as it is."""
+        other = copy.copy(self)
+        other.executor, other.last_stats = executor, {}
+        return other
 
     # ------------------------------------------------------------------ properties
     @property
@@ -77,13 +87,20 @@ class Policy:
         return next(self.model.parameters()).dtype
 
     def describe(self) -> dict[str, Any]:
-        return {
+        """The policy, and its executor's own description: "executor" (its name) and, beyond the name, what it
+        resolved ("runtime")."""
+        ex = self.executor.describe()
+        out = {
             "name": "openvla-oft", "source": self.source, "random_weights": self.random_weights,
             "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
-            "unnorm_key": self.unnorm_key, "executor": self.executor_name,
+            "unnorm_key": self.unnorm_key, "executor": ex["executor"],
             "tokenizer": getattr(self.tokenizer, "name", type(self.tokenizer).__name__),
             "llm_layers": self.cfg.llm.layers, "llm_hidden": self.cfg.llm.hidden,
         }
+        details = {k: v for k, v in ex.items() if k not in ("executor", "graphs")}
+        if details:
+            out["runtime"] = details
+        return out
 
     # ------------------------------------------------------------------ pre-processing
     def prepare(self, obs_list: Sequence[Obs], instructions: Sequence[str]):
@@ -139,9 +156,9 @@ class Policy:
         return out, lens
 
     @torch.inference_mode()
-    def predict_from_inputs(self, input_ids, pixel_values, proprio, hook=None):
+    def predict_from_inputs(self, input_ids, pixel_values, proprio, decisions: PruneDecisions | None = None):
         """input_ids: prompt ids as tokenized (BOS first, before 29871 / placeholders / stop), [B, P] or
-        list of lists; pixel_values: [B, 12, 224, 224]; proprio: [B, 8] normalized.
+        list of lists; pixel_values: [B, 12, 224, 224]; proprio: [B, 8] normalized; decisions: pruning (None: none).
         -> (normalized actions [B, 8, 7] fp32, action hidden states [B, 56, H])."""
         ids, lens = self.batch_ids(input_ids)
         B = ids.shape[0]
@@ -155,15 +172,14 @@ class Policy:
         # inputs go over cast on the host (pixels: half the bytes) and asynchronously, from pinned memory
         ids, pixel_values, proprio = (to_device_async(x, dev, t) for x, t in
                                       ((ids, None), (pixel_values, dtype), (proprio, dtype)))
-        # an executor that reads the lengths on the host (AccelRunner) gets them there: no device round trip
-        host_lens = getattr(self.executor, "host_prompt_lens", False)
-        return self.executor(ids, pixel_values, proprio, prompt_lens=lens if host_lens else lens.to(dev), hook=hook)
+        return self.executor(ids, pixel_values, proprio, lens, decisions)  # (lengths stay on the host)
 
-    def predict_batch(self, obs_list: Sequence[Obs], instructions: Sequence[str], hook=None) -> np.ndarray:
+    def predict_batch(self, obs_list: Sequence[Obs], instructions: Sequence[str],
+                      decisions: PruneDecisions | None = None) -> np.ndarray:
         ids, pixels, props = self.prepare(obs_list, instructions)
         _, lens = self.batch_ids(ids)
         t0 = time.perf_counter()
-        norm, _ = self.predict_from_inputs(ids, pixels, props, hook=hook)
+        norm, _ = self.predict_from_inputs(ids, pixels, props, decisions=decisions)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         latency = (time.perf_counter() - t0) * 1e3

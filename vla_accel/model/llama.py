@@ -4,21 +4,28 @@ OpenVLA-OFT decodes the whole action chunk in parallel and was trained with ever
 every other position. Stock transformers silently runs causal attention; here the mask is built
 from `key_mask` alone (padding), never from position order.
 
-Hooks: `forward(..., hook=obj)` lets a pruning plan act between layers without touching this file:
-  hook.before_layer(i, h, positions, key_mask) -> (h, positions, key_mask)   # may drop tokens
-  hook.score_rows(i, positions, key_mask) -> None | (row_idx [B, R] long, row_valid [B, R] bool)
-  hook.on_scores(i, key_mass [B, S] fp32, positions, key_mask)               # if score_rows gave rows
-`key_mass` is, per key, the softmax probability it receives averaged over heads and the chosen query
-rows -- computed from those rows only, never from a full [S, S] attention matrix.
+Pruning: `forward(..., decisions=plan)` applies a `vla_accel.protocols.PruneDecisions` on the padded [B, S, D]
+layout: before layer i the kept tokens (`keep_tokens`: one gather), at a score layer the key mass of the chosen
+query rows (`key_mass_from_rows`: the rows against all keys, never an [S, S] matrix) goes back to the decisions.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._device import to_device_async
+from ..protocols import Keep, Rows
 from .config import LlamaConfig
+
+
+def rms_norm(x, weight, eps: float):  # x: [..., D]; normalized in fp32 like HF's LlamaRMSNorm, cast, then * weight
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)
 
 
 class RMSNorm(nn.Module):
@@ -27,11 +34,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x):  # computed in fp32 like HF's LlamaRMSNorm
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+    def forward(self, x):
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rope_cos_sin(positions, head_dim: int, theta: float, dtype):  # positions: [B, S] -> cos, sin [B, 1, S, d]
@@ -46,8 +50,12 @@ def rotate_half(x):
     return torch.cat([-x2, x1], dim=-1)
 
 
-def apply_rope(x, cos, sin):  # x: [B, H, S, d]
+def apply_rope(x, cos, sin):  # x: [B, H, S, d] (or [..., d] with cos, sin broadcasting to it)
     return x * cos + rotate_half(x) * sin
+
+
+def silu_mul(gate, up):  # the MLP's SiLU(gate) * up
+    return F.silu(gate) * up
 
 
 def padding_bias(key_mask, dtype):  # key_mask: [B, S] bool (True = real token) -> additive [B, 1, 1, S]
@@ -73,6 +81,22 @@ def key_mass_from_rows(q, k, bias, row_idx, row_valid):
     p = logits.softmax(-1).mean(1)  # [B, R, S]
     w = row_valid.float()
     return (p * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp(min=1)
+
+
+def keep_tokens(h, keep: Keep):
+    """The padded layout after a prune: h [B, S, D] -> (h [B, S', D], positions [B, S'], key_mask [B, S'] | None);
+    padding entries hold a copy of the sample's first token (masked). One host -> device copy, one gather."""
+    B, S2 = keep.index.shape
+    both = to_device_async(np.concatenate([keep.index, keep.positions, keep.valid]), h.device)  # [3B, S'] int64
+    h = torch.gather(h, 1, both[:B, :, None].expand(B, S2, h.shape[2]))
+    return h, both[B:2 * B], None if keep.uniform else both[2 * B:] != 0
+
+
+def score_rows_on(rows: Rows, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows (host) -> (row_idx [B, R] long, row_valid [B, R] bool) on `device`, one copy."""
+    B = rows.index.shape[0]
+    both = to_device_async(np.concatenate([rows.index, rows.valid]), device)
+    return both[:B], both[B:] != 0
 
 
 class Attention(nn.Module):
@@ -108,7 +132,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate, cfg.hidden, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -139,19 +163,23 @@ class LlamaBackbone(nn.Module):
     def rope(self, positions, dtype):
         return rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, dtype)
 
-    def forward(self, h, positions, key_mask=None, hook=None):
-        """h: [B, S, D] input embeddings; positions: [B, S] RoPE indices; key_mask: [B, S] bool.
+    def forward(self, h, positions, key_mask=None, decisions=None):
+        """h: [B, S, D] input embeddings; positions: [B, S] RoPE indices; key_mask: [B, S] bool;
+        decisions: a PruneDecisions (None: every token through every layer).
 
         Returns (final-norm hidden states [B, S', D], positions [B, S'], key_mask [B, S'] | None);
-        S' < S when a hook dropped tokens.
+        S' < S when the decisions dropped tokens.
         """
         for i, layer in enumerate(self.layers):
             rows = None
-            if hook is not None:
-                h, positions, key_mask = hook.before_layer(i, h, positions, key_mask)
-                rows = hook.score_rows(i, positions, key_mask)
+            if decisions is not None:
+                keep = decisions.keep(i)
+                if keep is not None:
+                    h, positions, key_mask = keep_tokens(h, keep)
+                r = decisions.rows(i)
+                rows = None if r is None else score_rows_on(r, h.device)
             cos, sin = self.rope(positions, h.dtype)
             h, mass = layer(h, cos, sin, padding_bias(key_mask, h.dtype), rows)
             if mass is not None:
-                hook.on_scores(i, mass, positions, key_mask)
+                decisions.scores(i, mass)
         return self.norm(h), positions, key_mask

@@ -82,6 +82,7 @@ class OpenVLAOFT(nn.Module):
         B, P_max = input_ids.shape
         D, A = self.cfg.llm.hidden, self.cfg.num_action_tokens
         dev, dtype = patch_embeds.device, patch_embeds.dtype
+        prompt_lens = torch.as_tensor(prompt_lens).cpu()  # (read on the host: no device round trips)
         tok = self.llm.embed_tokens(input_ids).to(dtype)  # [B, P_max, D]
         prop = self.proprio_projector(proprio.to(dtype))[:, None]  # [B, 1, D]
         stop = self.llm.embed_tokens.weight[self.cfg.stop_id].to(dtype)
@@ -96,10 +97,11 @@ class OpenVLAOFT(nn.Module):
             embeds[b, 1 + n_vis:n_vis + p] = tok[b, 1:p]
             embeds[b, int(lengths[b]) - 1] = stop
         positions = torch.arange(S, device=dev)[None].expand(B, S)
+        lengths_dev = lengths.to(dev)
         key_mask = None
         if bool((lengths != S).any()):
-            key_mask = positions < lengths[:, None]
-        return Sequence(embeds, positions, key_mask, lengths)
+            key_mask = positions < lengths_dev[:, None]
+        return Sequence(embeds, positions, key_mask, lengths_dev)
 
     def action_window(self, hidden, key_mask):
         """hidden: [B, S', D] final-norm states -> [B, 56, D] (works on pruned sequences)."""
@@ -111,11 +113,16 @@ class OpenVLAOFT(nn.Module):
         return torch.gather(hidden, 1, idx[..., None].expand(B, A, D))
 
     # ---------------------------------------------------------------- forward
-    def forward(self, input_ids, pixel_values, proprio, prompt_lens=None, hook=None):
-        """-> (normalized actions [B, 8, 7] fp32, action hidden states [B, 56, D])."""
+    def describe(self) -> dict:
+        return {"executor": "reference"}
+
+    def forward(self, input_ids, pixel_values, proprio, prompt_lens=None, decisions=None):
+        """The reference executor (vla_accel.protocols.Executor): prompt_lens [B] (host; None: every prompt fills
+        input_ids); decisions: PruneDecisions or None.
+        -> (normalized actions [B, 8, 7] fp32, action hidden states [B, 56, D])."""
         if prompt_lens is None:
-            prompt_lens = torch.full((input_ids.shape[0],), input_ids.shape[1], device=input_ids.device)
+            prompt_lens = torch.full((input_ids.shape[0],), input_ids.shape[1])
         seq = self.assemble(input_ids, prompt_lens, self.encode_images(pixel_values), proprio)
-        hidden, _, key_mask = self.llm(seq.embeds, seq.positions, seq.key_mask, hook=hook)
+        hidden, _, key_mask = self.llm(seq.embeds, seq.positions, seq.key_mask, decisions=decisions)
         act_h = self.action_window(hidden, key_mask)
         return self.action_head(act_h).float(), act_h

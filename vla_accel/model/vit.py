@@ -42,6 +42,14 @@ class Mlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU, timm's default
 
 
+def add_layer_norm(x, r, scale, weight, bias, eps: float):
+    """A block's residual update followed by the next LayerNorm, as the blocks compute it: x + r * scale
+    (LayerScale's product, rounded, then the sum; scale None: x + r), then F.layer_norm.
+    x, r: [..., D]; scale, weight, bias: [D] -> (updated residual, normalized)."""
+    x = x + (r if scale is None else r * scale)
+    return x, F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
 class LayerScale(nn.Module):
     def __init__(self, dim: int):
         super().__init__()

@@ -6,7 +6,8 @@
 
 `name: none` gives the plain `ChunkedActor`; any other name builds `SpecPrune` from the mapping's fields.
 Parts: changed.py (changed patches), scores.py (attention from chosen rows), static.py / dynamic.py
-(token sets), controller.py (coarse / fine), plan.py (the hook of one forward), flops.py, overlay.py, demo.py.
+(token sets), controller.py (coarse / fine), plan.py (the decisions of one forward: vla_accel.protocols.PruneDecisions),
+keep.py (KeepPlan: fixed token sets replayed as decisions), flops.py, overlay.py, demo.py.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 from .._config import to_plain
 from .config import PruneConfigError, SpecPruneConfig
 from .controller import ActionController
+from .keep import KeepPlan
 from .plan import Dims, PrunePlan
 from .wrapper import SpecPrune
 
@@ -35,4 +37,5 @@ def make_actor(policy, prune_cfg: Any):
     return SpecPrune(policy, values)
 
 
-__all__ = ["make_actor", "SpecPrune", "SpecPruneConfig", "PruneConfigError", "PrunePlan", "Dims", "ActionController"]
+__all__ = ["make_actor", "SpecPrune", "SpecPruneConfig", "PruneConfigError", "PrunePlan", "KeepPlan", "Dims",
+           "ActionController"]

@@ -1,33 +1,26 @@
-"""The pruning plan of ONE batched forward: a hook object for `LlamaBackbone.forward(..., hook=plan)`.
+"""The pruning plan of ONE batched forward: SpecPrune's decisions, a `vla_accel.protocols.PruneDecisions`.
 
-Protocol (see `vla_accel/model/llama.py`), called by the executor for every layer i:
-    before_layer(i, h, positions, key_mask) -> (h, positions, key_mask)   drops the tokens decided after layer i-1
-    score_rows(i, positions, key_mask)      -> None | (row_idx [B, R], row_valid [B, R])
-    on_scores(i, key_mass [B, S], positions, key_mask)                   decides what is dropped after layer i
+    plan = PrunePlan(dims, schedule, static=..., dynamic=..., prompt_lens=lens, k_local=..., similarity=...)
+    actions, hidden = executor(ids, pixels, proprio, lens, decisions=plan)
+    plan.summary()                     # per sample: tokens per layer and camera, rules, fates, FLOPs
 
-Every decision is a plain tensor, per sample, so another executor can apply the same plan:
-    plan.score_layers        layers whose attention scores the plan needs (sorted)
-    plan.prune_layers        layers AFTER which tokens may be dropped (sorted)
-    plan.keep_visual[l]      bool [B, n_vis] (host): visual slots kept after layer l (slot = original position - 1)
-    plan.kept_positions[i]   long [B, S_i] (device): original positions of the tokens entering layer i (for i
-                             after a prune; padding where plan.kept_mask[i] is False; kept_mask None = no padding)
-    plan.kept_counts[i]      int64 [B] (host, numpy): tokens per sample entering layer i (= kept_mask[i].sum(1)),
-                             so that an executor packing ragged rows needs no device read
-    plan.score_rows_host[i]  (row_idx, row_valid) numpy: score_rows(i)'s answer on the host (an executor that
-                             builds its row selection on the host needs no device ops for it)
-    plan.blocking_score_layers  score layers whose key mass on_scores reads at once (the static layers): an
-                             executor may hand that key mass over as a host tensor, copied early
-The decisions are made on the host, in numpy, from [B, 512] arrays (a torch op on so small a CPU tensor costs
-more in dispatch than in work); keep_visual and the other host records (rules, dropped_after, global_next,
-changed, importance, visual_scores) are torch views of those arrays (`torch.from_numpy`, no copy); the other
-host state (present_vis, n_present, local_union, nv_count, ...) is numpy. Per forward the device sees one copy
-of the key mass per score layer back to the host (the plan's only device -> host reads, all through `_read`;
-counted in `plan.host_reads`) and, per prune, one pinned, non-blocking index copy and a gather. Token counts
-(visual tokens present per sample, hence every dynamic keep count min(n, max(min_visual, floor(keep_ratio * n))))
-live on the host and never need the device. A score layer that only feeds the importance (not a static layer) is
-read without blocking on CUDA (pinned buffer + event) and folded in when the importance is next needed (the
-next dynamic cut, score layer or summary): the host waits there, after it has queued the layers in between,
-so the device does not idle while the host updates the importance (SpecPrune 7B: layer 12, needed after 15).
+The executor calls, for every layer i in order:
+    keep(i)           -> Keep | None   the tokens entering layer i (decided after layer i-1; None: all stay)
+    rows(i)           -> Rows | None   the query rows to score at layer i (score layers only)
+    scores(i, mass)                    their key mass [B, S_i]; the plan decides what is dropped after layer i
+Declared: score_layers (sorted), prune_layers (layers AFTER which tokens may be dropped), blocking_layers (the
+static layers: their key mass is read at once, so an executor may hand it over early, on the host).
+
+Every decision is made and stated on the host, in numpy, from [B, 512] arrays (a torch op on so small a CPU tensor
+costs more in dispatch than in work): Keep / Rows hold current indices AND original positions, so an executor
+applies them in its own layout (padded or packed) with no device read. Records: plan.kept[i] (the Keep entering
+layer i), plan.keep_visual[l] (bool [B, n_vis] visual slots kept after layer l), rules, dropped_after,
+global_next, changed, importance, visual_scores (torch views of numpy arrays, host). Per forward the device sees
+one copy of the key mass per score layer back to the host (the plan's only device -> host reads, all through
+`_read`; counted in `plan.host_reads`). A score layer that only feeds the importance (not a static layer) is read
+without blocking on CUDA (pinned buffer + event) and folded in when the importance is next needed (the next dynamic
+cut, score layer or summary): the host waits there, after it has queued the layers in between (SpecPrune 7B:
+layer 12, needed after 15).
 The plan relies on the layout every executor keeps: per sample
 [BOS] [the visual tokens still present, ascending] [proprio, prompt, placeholders, stop] [padding].
 Non-visual tokens (BOS, proprio, prompt, placeholders, stop) are never dropped; kept tokens keep their
@@ -46,13 +39,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._device import to_device_async as to_device, to_host_async  # pinned staging, non-blocking copies
+from .._device import to_host_async  # pinned staging, non-blocking copy
+from ..protocols import Keep, Rows
 from . import dynamic as dyn
 from .config import DynamicConfig, LayerSchedule, StaticConfig
 from .flops import backbone_flops
 from .scores import query_window, window_rows
-from .static import (CHANGED, GLOBAL, LOCAL, changed_with_cap, ranks_per_camera, rule_codes, static_keep,
-                     topk_per_camera)
+from .static import CHANGED, GLOBAL, LOCAL, changed_with_cap, ranks_per_camera, rule_codes, static_keep, topk_per_camera
 
 
 @dataclass
@@ -89,7 +82,7 @@ class PrunePlan:
         self.importance_layers = tuple(schedule.score_layers) if dynamic is not None else ()
         self.score_layers = sorted(set(self.static_layers) | set(self.importance_layers))
         self.prune_layers = sorted(set(self.static_layers) | set(self.dynamic_layers))
-        self.blocking_score_layers = list(self.static_layers)  # on_scores reads these at once (executor hint)
+        self.blocking_layers = list(self.static_layers)  # scores() reads their key mass at once
 
         def host(x, dtype, shape):
             return torch.zeros(shape, dtype=dtype) if x is None else torch.as_tensor(x).cpu().to(dtype).reshape(shape)
@@ -108,6 +101,8 @@ class PrunePlan:
         self.r_prompt = int(self.q_count.max()) if B else 0
         self.r_nonvis = int(self.nv_count.max()) if B else 0
         self._nv_valid = np.arange(self.r_nonvis) < self.nv_count[:, None]  # [B, r_nonvis]: token j of b exists
+        # original position of every visual slot, then of every non-visual token (BOS: 0)
+        self._orig = np.concatenate([np.arange(1, n_vis + 1), n_vis + 1 + np.arange(self.r_nonvis)])
 
         # per-forward state (numpy) and records (torch views of numpy arrays), all on the host
         L = dims.num_layers
@@ -119,10 +114,7 @@ class PrunePlan:
         self.dropped_after = torch.full((B, n_vis), -1, dtype=torch.long)
         self.global_next = torch.zeros(B, n_vis, dtype=torch.bool)
         self.keep_visual: dict[int, torch.Tensor] = {}
-        self.kept_positions: dict[int, torch.Tensor] = {}  # (on the executor's device)
-        self.kept_mask: dict[int, torch.Tensor | None] = {}
-        self.kept_counts: dict[int, np.ndarray] = {}  # (host)
-        self.score_rows_host: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # layer -> what score_rows returned
+        self.kept: dict[int, Keep] = {}  # layer i -> the tokens entering it (only where some were dropped)
         self._visual_scores: dict[int, torch.Tensor] = {}  # layer -> [B, n_vis] fp32 (-inf = absent)
         self._present_at: list[np.ndarray | None] = [None] * L  # present_vis entering layer i (summary)
         self._rows: list[np.ndarray | None] = [None] * L  # [B] score rows used at layer i
@@ -162,21 +154,22 @@ class PrunePlan:
         self._flush()
         return self._visual_scores
 
-    # ------------------------------------------------------------------ hook protocol
-    def before_layer(self, i, h, positions, key_mask):
-        prev = i - 1
+    # ------------------------------------------------------------------ PruneDecisions
+    def keep(self, i: int) -> Keep | None:
+        prev, out = i - 1, None
         if prev in self.dynamic_layers:
             self._flush()
             keep = dyn.dynamic_keep(self._importance, self.present_vis, self.dynamic.keep_ratio,
                                     self.dynamic.min_visual, self.n_present)
             self.keep_visual[prev] = torch.from_numpy(keep)
         if prev in self.prune_layers:
-            h, positions, key_mask = self._apply(prev, h, positions, key_mask)
-            self.kept_positions[i], self.kept_mask[i] = positions, key_mask
-        self._present_at[i] = self.present_vis  # never modified in place: _apply replaces it
-        return h, positions, key_mask
+            out = self._drop(prev)
+            if out is not None:
+                self.kept[i] = out
+        self._present_at[i] = self.present_vis  # never modified in place: _drop replaces it
+        return out
 
-    def score_rows(self, i, positions, key_mask):
+    def rows(self, i: int) -> Rows | None:
         if i in self.static_layers:
             start, count, R = self.q_lo, self.q_count, self.r_prompt
         elif i in self.importance_layers:
@@ -185,12 +178,9 @@ class PrunePlan:
             return None
         start = start - (self.dims.n_vis - self.n_present)  # minus the visual tokens dropped so far
         self._rows[i] = count
-        idx, valid = window_rows(start, count, R)
-        self.score_rows_host[i] = (idx, valid)
-        both = to_device(np.concatenate([idx, valid]), positions.device)  # one upload: [row_idx; row_valid]
-        return both[:self.B], both[self.B:] != 0
+        return Rows(*window_rows(start, count, R))
 
-    def on_scores(self, i, key_mass, positions, key_mask):
+    def scores(self, i: int, key_mass: torch.Tensor) -> None:
         self._flush()  # an earlier importance layer first: the EMA runs in layer order
         pres, n_present = self.present_vis, self.n_present
         if i not in self.static_layers:  # importance only: nothing needs it before the next dynamic cut
@@ -244,31 +234,29 @@ class PrunePlan:
             self.rules = torch.from_numpy(np.where(keep, rule_codes(changed, global_prev, local), np.uint8(0)))
             self.global_next = torch.from_numpy(topk_per_camera(scores, self.global_k, C, ranks))
 
-    def _apply(self, layer, h, positions, key_mask):
-        """Drops the visual tokens not in keep_visual[layer] (one gather on the device); records their fate."""
+    def _drop(self, layer) -> Keep | None:
+        """Drops the visual tokens not in keep_visual[layer] (host); records their fate. -> the Keep entering layer + 1
+        (None when nothing was dropped)."""
         before = self.present_vis
         keep_vis = self.keep_visual[layer].numpy() & before
         n_before, n_kept = self.n_present, keep_vis.sum(1)
         if np.array_equal(n_kept, n_before):  # (keep_vis is a subset of before)
-            return h, positions, key_mask
+            return None
         self.dropped_after.numpy()[before & ~keep_vis] = layer  # (in place: a view of the record)
         self.present_vis, self.n_present = keep_vis, n_kept
         counts = 1 + n_kept + self.nv_count
-        self.kept_counts[layer + 1] = counts
         B, S_new = self.B, int(counts.max())
         # current index of every visual slot present and every non-visual token (BOS: 0); which of them stay
         cur = np.concatenate([before.cumsum(1), n_before[:, None] + 1 + np.arange(self.r_nonvis)], 1)
         stay = np.concatenate([keep_vis, self._nv_valid], 1)
-        # [B, S']: current index of every kept token, in order: BOS, the kept visual tokens, the non-visual tokens,
-        # then padding (index 0, masked)
+        # [B, S']: the current index and original position of every kept token, in order: BOS, the kept visual
+        # tokens, the non-visual tokens, then padding (index 0, position 0)
         valid = np.arange(S_new) < counts[:, None]
-        order = np.zeros((B, S_new), dtype=np.int64)
-        order[:, 1:][valid[:, 1:]] = cur[stay]
-        order = to_device(order, h.device)
-        h = torch.gather(h, 1, order[..., None].expand(B, S_new, h.shape[2]))
-        positions = torch.gather(positions, 1, order)
-        key_mask = None if valid.all() else to_device(valid, h.device)
-        return h, positions, key_mask
+        index = np.zeros((B, S_new), dtype=np.int64)
+        positions = np.zeros((B, S_new), dtype=np.int64)
+        index[:, 1:][valid[:, 1:]] = cur[stay]
+        positions[:, 1:][valid[:, 1:]] = np.broadcast_to(self._orig, stay.shape)[stay]
+        return Keep(index, positions, counts)
 
     # ------------------------------------------------------------------ results
     def summary(self) -> list[dict[str, Any]]:

@@ -1,11 +1,10 @@
-"""Attention scores of visual tokens from chosen query rows, without full attention matrices.
+"""Which query rows score the visual tokens, without full attention matrices.
 
-The backbone (`vla_accel.model.llama`) computes, at a layer the hook asks for, the softmax mass each key
-receives from a few query rows, averaged over heads and those rows (`key_mass_from_rows`: the rows
-against all keys, never an [S, S] matrix). This file picks the rows and maps the per-key mass back to
-visual tokens by their ORIGINAL position, so it works on pruned, re-padded sequences. Only visual tokens
-are ever dropped and the order never changes, so a non-visual token at original position p sits at index
-p - (visual tokens dropped so far) of its sample:
+The executor computes, at a layer the pruning decisions ask for, the softmax mass each key receives from a
+few query rows, averaged over heads and those rows (`vla_accel.model.llama.key_mass_from_rows`: the rows
+against all keys, never an [S, S] matrix). This file picks the rows by their ORIGINAL position, so it works
+on pruned sequences. Only visual tokens are ever dropped and the order never changes, so a non-visual token
+at original position p sits at index p - (visual tokens dropped so far) of its sample:
 
     position 0             BOS
     1 .. 256               third-person patches (camera 0)   -> visual slot 0 .. 255
@@ -18,24 +17,6 @@ p - (visual tokens dropped so far) of its sample:
 from __future__ import annotations
 
 import numpy as np
-import torch
-
-
-def visual_slot(positions: torch.Tensor, key_mask: torch.Tensor | None, n_vis: int) -> torch.Tensor:
-    """positions [B, S] -> [B, S] long: visual slot (position - 1) of valid visual tokens, else n_vis."""
-    slot = positions - 1
-    is_vis = (slot >= 0) & (slot < n_vis)
-    if key_mask is not None:
-        is_vis = is_vis & key_mask
-    return torch.where(is_vis, slot, torch.full_like(slot, n_vis))
-
-
-def to_visual(values: torch.Tensor, slot: torch.Tensor, n_vis: int, fill: float = float("-inf")) -> torch.Tensor:
-    """values [B, S] per current token -> [B, n_vis] per visual slot (`fill` where the token is absent)."""
-    B = values.shape[0]
-    out = torch.full((B, n_vis + 1), fill, dtype=values.dtype, device=values.device)
-    out.scatter_(1, slot, values)
-    return out[:, :n_vis]
 
 
 def query_window(prompt_lens: np.ndarray, n_vis: int, skip: int) -> tuple[np.ndarray, np.ndarray]:

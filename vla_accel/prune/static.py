@@ -18,7 +18,6 @@ import numpy as np
 
 # Rule bits recorded per visual token (a token may be kept by several rules).
 CHANGED, GLOBAL, LOCAL = 1, 2, 4
-RULE_NAMES = {CHANGED: "changed", GLOBAL: "global", LOCAL: "local"}
 
 
 def descending_order(x: np.ndarray) -> np.ndarray:

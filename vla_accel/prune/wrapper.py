@@ -7,8 +7,8 @@
 
 Per stream it holds the frame history (for changed patches), the previous inference's top tokens (global
 rule), the controller mode and the action queue. One batched forward serves every stream whose queue is
-empty; the forward is `policy.predict_from_inputs(..., hook=plan)`, i.e. whatever executor the policy has
-(plain PyTorch today, the accelerated runtime later) honouring the llama hook protocol.
+empty; the forward is `policy.predict_from_inputs(..., decisions=plan)`: the policy's executor (the plain model or
+the accelerated runner) applies the plan's decisions (vla_accel.protocols.PruneDecisions).
 """
 
 from __future__ import annotations
@@ -197,7 +197,7 @@ class SpecPrune:
         plan = plan_for_batch(cfg, self.schedule, self.dims, lens, k_local=k_local, similarity=similarity,
                               max_static=max_static, global_prev=global_prev)
         t0 = time.perf_counter()
-        norm, _ = policy.predict_from_inputs(ids, pixels, props, hook=plan)
+        norm, _ = policy.predict_from_inputs(ids, pixels, props, decisions=plan)
         if policy.device.type == "cuda":
             torch.cuda.synchronize(policy.device)
         latency = (time.perf_counter() - t0) * 1e3

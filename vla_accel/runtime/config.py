@@ -52,7 +52,7 @@ class RuntimeConfig:
     table: str | None = None             # dispatch table JSON for gemm=kernels; null = vla_accel.kernels.default_table(device)
     attention: str = "auto"              # backbone: auto (kernels on CUDA when vla_accel.kernels imports, else flash; sdpa on CPU) | kernels (vla_accel.kernels.attention) | flash (torch's FA2 varlen) | sdpa
     vision_attention: str = "auto"       # vision towers (head dims 64 / 72): auto (torch SDPA on the dense per-image view: cuDNN on an H100, measured fastest for both towers; sdpa on CPU) | flash | sdpa (torch SDPA on [N, H, S, d], its own backend choice) | kernels (power-of-two head dims only, else flash)
-    scores: str = "auto"                 # key mass for pruning hooks: auto (kernel with attention=kernels, else exact) | kernel | exact (llama.key_mass_from_rows)
+    scores: str = "auto"                 # key mass for the pruning decisions: auto (kernel with attention=kernels, else exact) | kernel | exact (llama.key_mass_from_rows)
     rowwise: str = "auto"                # RMSNorm / RoPE / SiLU*up: auto (triton on CUDA, torch on CPU) | triton | torch
     vision_streams: bool = True          # run the two vision towers on two CUDA streams (concurrently)
     last_layer_action_rows: bool = True  # last layer: O-proj, MLP and final norm only for the 56 action rows per sample

@@ -1,4 +1,5 @@
-"""The operations of the accelerated forward, each with a fast path and its plain-torch counterpart.
+"""The operations of the accelerated forward, each with a fast path and, as its fallback, the model's own
+functional form (vla_accel.model.llama: rms_norm, apply_rope, silu_mul; vit: add_layer_norm): one reference per op.
 
     ops = Ops(cfg, device, dtype)        # resolves gemm / attention / rowwise backends once
     y = ops.linear(x, w, b)              # kernels' dispatch table (FlashDecoding++ flat GEMM / GEMV) or cuBLAS
@@ -23,6 +24,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..model.llama import apply_rope, rms_norm, rope_cos_sin, silu_mul
+from ..model.vit import add_layer_norm
 from .config import RuntimeConfig, RuntimeConfigError
 
 
@@ -45,11 +48,11 @@ def _import_rowwise():
 
 
 def rope_table(max_pos: int, head_dim: int, theta: float, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin half-tables [max_pos, head_dim/2] in `dtype`, computed exactly as llama.rope_cos_sin does
-    (both halves of its cat(freqs, freqs) are equal, so half the table is all of it)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
-    freqs = torch.arange(max_pos, device=device).float()[:, None] * inv_freq
-    return freqs.cos().to(dtype).contiguous(), freqs.sin().to(dtype).contiguous()
+    """cos, sin half-tables [max_pos, head_dim/2] in `dtype`: the model's llama.rope_cos_sin for positions
+    0..max_pos-1 (both halves of its cat(freqs, freqs) are equal, so half the table is all of it)."""
+    cos, sin = rope_cos_sin(torch.arange(max_pos, device=device)[None], head_dim, theta, dtype)  # [1, 1, P, d]
+    half = head_dim // 2
+    return cos[0, 0, :, :half].contiguous(), sin[0, 0, :, :half].contiguous()
 
 
 def flash_varlen_available(device: torch.device) -> bool:
@@ -135,7 +138,7 @@ class Ops:
         self.rowwise = rw
 
     def describe(self) -> dict:
-        return {"gemm": self.gemm, "table": getattr(self.table, "gpu", None) if self.table is not None else None,
+        return {"gemm": self.gemm, "table": self.table.gpu if self.table is not None else None,
                 "table_rules": len(self.table.rules) if self.table is not None else 0,
                 "attention": self.attn, "vision_attention": self.vision_attn, "scores": self.scores,
                 "rowwise": self.rowwise, "notes": list(self.notes)}
@@ -167,37 +170,31 @@ class Ops:
     def rms_norm(self, x, w, eps):
         if self.rowwise == "triton":
             return self.R.rms_norm(x, w, eps)
-        xf = x.float()
-        return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+        return rms_norm(x, w, eps)
 
     def add_layer_norm(self, x, r, g, w, b, eps):
         """x [T, D] += r * g (g: layer scale or None) IN PLACE; -> LayerNorm(x) * w + b."""
         if self.rowwise == "triton":
             return self.R.add_layer_norm(x, r, g, w, b, eps)
-        x.copy_(torch.addcmul(x, r, g) if g is not None else x + r)
-        return F.layer_norm(x, (x.shape[1],), w, b, eps)
+        updated, y = add_layer_norm(x, r, g, w, b, eps)
+        x.copy_(updated)
+        return y
 
     def silu_mul(self, gu):
         if self.rowwise == "triton":
             return self.R.silu_mul(gu)
-        g, u = gu.chunk(2, dim=-1)
-        return F.silu(g) * u
+        return silu_mul(*gu.chunk(2, dim=-1))
 
     def rope(self, qkv, positions, cos, sin, heads):  # -> q, k [T, H, d] contiguous
         if self.rowwise == "triton":
             return self.R.rope_split(qkv, positions, cos, sin, heads)
         T = qkv.shape[0]
         d = qkv.shape[1] // (3 * heads)
-        c = cos[positions].repeat(1, 2)[:, None]  # [T, 1, d]
+        c = cos[positions].repeat(1, 2)[:, None]  # [T, 1, d]: the full table row, broadcast over heads
         s = sin[positions].repeat(1, 2)[:, None]
         q = qkv[:, :heads * d].reshape(T, heads, d)
         k = qkv[:, heads * d:2 * heads * d].reshape(T, heads, d)
-
-        def rot(x):
-            x1, x2 = x.chunk(2, dim=-1)
-            return torch.cat([-x2, x1], dim=-1)
-
-        return q * c + rot(q) * s, k * c + rot(k) * s
+        return apply_rope(q, c, s), apply_rope(k, c, s)
 
     # ------------------------------------------------------------------ attention
     def attention(self, q, k, v, cu, max_seqlen: int, backend: str | None = None):
@@ -215,7 +212,7 @@ class Ops:
             dp = 1 << (d - 1).bit_length()  # zero-pad the head dim to a power of two: q.k and p @ v unchanged
             qp, kp, vp = (F.pad(t, (0, dp - d)) for t in (q, k, v))
             return self.K.attention(qp, kp, vp, cu, max_seqlen, sm_scale=1.0 / math.sqrt(d))[..., :d]
-        if backend in ("flash", "kernels") and flash_varlen_available(q.device):
+        if backend == "flash":  # (Ops checked at construction that FA2 varlen is available)
             return torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, max_seqlen, max_seqlen, 0.0, False,
                                                            False, scale=1.0 / math.sqrt(q.shape[-1]))[0]
         return self._attention_sdpa(q, k, v, cu)

@@ -1,58 +1,56 @@
 """AccelRunner: the whole OpenVLA-OFT forward on packed token rows, pruning-aware, CUDA-graphed.
 
     runner = AccelRunner(policy.model, RuntimeConfig())
-    actions, action_hidden = runner(input_ids, pixel_values, proprio, prompt_lens, hook=plan)
+    actions, action_hidden = runner(input_ids, pixel_values, proprio, prompt_lens, decisions=plan)
+    fast_policy = policy.with_executor(runner)
 
-Same signature and results as `OpenVLAOFT.forward` (the plain model stays the reference). What differs:
+An Executor (vla_accel.protocols) with the results of `OpenVLAOFT.forward` (the plain model stays the reference).
+What differs:
   - the batch is PACKED: T = sum of per-sample token counts rows [T, D] plus padding rows up to a token bucket;
     `cu_seqlens` [B+2] int32 marks the samples (and the padding rows, a sequence of their own). Samples with
-    different kept counts (ragged batches from pruning) cost only their own tokens.
+    different kept counts (ragged batches from pruning) cost only their own tokens. The counts live on the host.
   - weights: QKV and gate/up concatenated once at build (one GEMM each), residual adds in the GEMM epilogue,
     RMSNorm / RoPE(+q/k split) / SiLU*up as one Triton pass each, varlen flash attention.
-  - vision: both cameras in one batch, the two towers on two CUDA streams; projector + proprio in one graph.
+  - vision: both cameras in one batch, the two towers on two CUDA streams; the model's projector, proprio
+    projector and action head modules themselves (in graphs).
   - graphs: vision (per B), backbone segments (per first/last layer, B, token bucket), head (per B).
   - last layer: O-proj, MLP and final norm only for the 56 action rows of each sample.
 
-Pruning hooks follow the llama.py protocol (before_layer / score_rows / on_scores) with padded [B, S] views,
-exactly as the reference calls them. A hook that names `score_layers` and `prune_layers` (PrunePlan does) is
-served by graph segments that end at those layers; any other hook gets one segment per layer. The hook must
-copy what it keeps of `h` and of the key mass it gets in on_scores: both may be windows on static buffers.
-A hook that lists layers in `blocking_score_layers` (it reads their key mass at once and decides on the host:
-PrunePlan's static layers) gets that key mass as a host tensor, copied while the GPU runs the rest of the layer.
+Pruning decisions (PruneDecisions) are applied on the packed rows: a Keep (host indices and positions) becomes one
+gather of rows, its counts the new cu_seqlens; Rows become the attention kernel's row selection, built on the host.
+Graph segments end at the decisions' score and prune layers. The key mass handed to `scores` may be a window on a
+static buffer (the decisions copy what they keep); at a layer in `blocking_layers` it is a host tensor, copied
+while the GPU runs the rest of the layer.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .._device import copy_into_async, to_host_async
-from ..model.llama import key_mass_from_rows, padding_bias
+from .._device import copy_into_async, to_device_async, to_host_async
+from ..model.llama import key_mass_from_rows, padding_bias, score_rows_on
 from ..model.oft import OpenVLAOFT
+from ..protocols import Keep, Rows
 from .config import RuntimeConfig
 from .fused import Ops, rope_table
 from .graphs import GraphCache
-from .weights import LayerWeights, fuse_backbone
+from .weights import LayerWeights, fuse_backbone, layer_scale
 
 
 # ---------------------------------------------------------------------------- layer segments
-def hook_segments(hook, num_layers: int) -> list[tuple[int, int]]:
-    """Layer ranges [a, b] run as one piece. No hook: the whole backbone. A hook that declares
-    `score_layers` and `prune_layers`: pieces end at each of those layers (the hook reads scores after a score
-    layer and may drop tokens after a prune layer). Any other hook: one layer per piece."""
-    if hook is None:
+def segments(decisions, num_layers: int) -> list[tuple[int, int]]:
+    """Layer ranges [a, b] run as one piece: pieces end at each score layer and prune layer of the decisions (the
+    decisions read scores after a score layer and may drop tokens after a prune layer); none: the whole backbone."""
+    if decisions is None:
         return [(0, num_layers - 1)]
-    score, prune = getattr(hook, "score_layers", None), getattr(hook, "prune_layers", None)
-    if score is None or prune is None:
-        ends = set(range(num_layers))
-    else:
-        ends = {int(i) for i in list(score) + list(prune) if 0 <= int(i) < num_layers} | {num_layers - 1}
+    ends = {int(i) for i in list(decisions.score_layers) + list(decisions.prune_layers) if 0 <= int(i) < num_layers}
     out, a = [], 0
-    for b in sorted(ends):
+    for b in sorted(ends | {num_layers - 1}):
         out.append((a, b))
         a = b + 1
     return out
@@ -69,26 +67,23 @@ class State:
     h: torch.Tensor  # [T_pad, D]
     pos: torch.Tensor  # [T_pad] int64 RoPE positions
     cu: torch.Tensor  # [B+2] int32: samples, then the padding rows
-    counts: torch.Tensor  # [B] rows per sample (device)
-    view_pos: torch.Tensor  # [B, S] positions as the hook sees them
-    view_mask: torch.Tensor | None  # [B, S] key mask as the hook sees it (None: no padding)
-    pack_idx: torch.Tensor  # [B, S] packed row of each view slot (valid where view_mask)
-    sel: torch.Tensor | None = None  # [T_pad] bool score rows (kernel key-mass path)
-    host_rows: tuple | None = None  # the hook's score rows on the host (numpy), when it offers them
-    history: list = field(default_factory=list)
+    counts: np.ndarray  # [B] rows per sample (host)
+    sel: torch.Tensor  # [T_pad] bool score rows (kernel key-mass path)
 
     @property
-    def S(self) -> int:
-        return self.view_pos.shape[1]
+    def S(self) -> int:  # the longest sample
+        return int(self.counts.max())
 
     @property
-    def uniform(self) -> bool:  # packed rows == the view's rows (no per-sample padding)
-        return self.view_mask is None
+    def starts(self) -> np.ndarray:  # [B] first packed row of each sample (host)
+        return np.concatenate([[0], np.cumsum(self.counts)[:-1]])
+
+    @property
+    def uniform(self) -> bool:  # every sample has S rows: the packed rows are a [B, S] view
+        return bool((self.counts == self.counts[0]).all())
 
 
 class AccelRunner:
-    host_prompt_lens = True  # the policy may pass prompt_lens as a host tensor (read on the host here)
-
     def __init__(self, model: OpenVLAOFT, cfg: RuntimeConfig | dict | None = None):
         cfg = cfg if isinstance(cfg, RuntimeConfig) else RuntimeConfig.from_dict(cfg or {})
         self.model, self.cfg = model.eval(), cfg
@@ -108,7 +103,7 @@ class AccelRunner:
         self.vision_attn = {"sdpa": "sdpa_dense" if cuda else "sdpa"}.get(self.ops.vision_attn, self.ops.vision_attn)
         if cuda and cfg.vision_attention == "auto":
             # torch SDPA on the dense [2B, H, S, d] view (cuDNN on an H100): 9.5 us per DINOv2 / SigLIP block at
-            # B = 1 against 11.8 / 12.5 us for FA2 varlen (runtime.profile, 2026-11-24)
+            # B = 1 against 11.8 / 12.5 us for FA2 varlen (benchmarks/profile.py, 2026-11-24)
             self.vision_attn = "sdpa_dense"
         m = model.cfg
         self.mcfg, self.L = m, m.llm.layers
@@ -132,8 +127,8 @@ class AccelRunner:
 
     # ------------------------------------------------------------------ info
     def describe(self) -> dict:
-        return {"executor": "accel", "mode": self.mode, "config": self.cfg.to_dict(), "ops": self.ops.describe(),
-                "vision_attention": self.vision_attn,
+        return {"executor": "accel" if self.mode == "cuda" else f"accel-{self.mode}-cpu", "mode": self.mode,
+                "config": self.cfg.to_dict(), "ops": self.ops.describe(), "vision_attention": self.vision_attn,
                 "graphs": self.graphs.stats() if self.graphs is not None else None}
 
     def bucket(self, B: int, T: int) -> tuple[int, bool]:
@@ -162,16 +157,17 @@ class AccelRunner:
         return self._buffers[key]
 
     # ------------------------------------------------------------------ forward
-    def __call__(self, input_ids, pixel_values, proprio, prompt_lens=None, hook=None):
-        return self.forward(input_ids, pixel_values, proprio, prompt_lens=prompt_lens, hook=hook)
+    def __call__(self, input_ids, pixel_values, proprio, prompt_lens=None, decisions=None):
+        return self.forward(input_ids, pixel_values, proprio, prompt_lens=prompt_lens, decisions=decisions)
 
     @torch.inference_mode()
-    def forward(self, input_ids, pixel_values, proprio, prompt_lens=None, hook=None):
-        """-> (normalized actions [B, 8, 7] fp32, action hidden states [B, 56, D])."""
+    def forward(self, input_ids, pixel_values, proprio, prompt_lens=None, decisions=None):
+        """prompt_lens [B] on the host (None: every prompt fills input_ids); decisions: PruneDecisions or None.
+        -> (normalized actions [B, 8, 7] fp32, action hidden states [B, 56, D])."""
         B, P_max = input_ids.shape
         if prompt_lens is None:
             lens = [P_max] * B
-        else:  # the policy hands host lengths (host_prompt_lens): a device tensor here would cost a sync
+        else:  # host lengths (a device tensor here would cost a sync)
             lens = [int(x) for x in (prompt_lens.tolist() if torch.is_tensor(prompt_lens) else prompt_lens)]
         if len(lens) != B or min(lens) < 2 or max(lens) > P_max:
             raise ValueError(f"prompt_lens must give B={B} lengths in [2, {P_max}]; got {lens}")
@@ -187,13 +183,13 @@ class AccelRunner:
         if prof:
             ev[1].record()
         st = self._assemble(input_ids, lens, patches, prop)
-        for a, b in hook_segments(hook, self.L):
+        for a, b in segments(decisions, self.L):
             rows = None
-            if hook is not None:
-                st, rows = self._call_hook(hook, a, b, st)
-            # a layer whose key mass the hook waits for: its MLP half runs while the host decides
+            if decisions is not None:
+                st, rows = self._decide(decisions, a, b, st)
+            # a layer whose key mass the decisions wait for: its MLP half runs while the host decides
             early = (rows is not None and st.graphed and st.uniform and self.mode == "cuda" and b < self.L - 1
-                     and self.ops.scores == "kernel" and b in getattr(hook, "blocking_score_layers", ()))
+                     and self.ops.scores == "kernel" and b in decisions.blocking_layers)
             if early:
                 mass = self._segment_early_read(a, b, st, rows)
             else:
@@ -202,7 +198,7 @@ class AccelRunner:
             stats["graphed_segments" if st.graphed else "eager_segments"] += 1
             stats["early_reads"] = stats.get("early_reads", 0) + int(early)
             if rows is not None:
-                hook.on_scores(b, mass if early else self._key_mass(st, out, rows), st.view_pos, st.view_mask)
+                decisions.scores(b, mass if early else self._key_mass(st, out, rows))
         if prof:
             ev[2].record()
         actions = self._head(B, graphed_b)
@@ -249,11 +245,10 @@ class AccelRunner:
             qkv = ops.linear(y, blk.attn.qkv.weight, blk.attn.qkv.bias).view(N * S, 3, heads, w // heads)
             o = ops.attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu, S, backend=backend)
             a = ops.linear(o.reshape(N * S, w), blk.attn.proj.weight, blk.attn.proj.bias)
-            y = ops.add_layer_norm(x, a, blk.ls1.gamma if c.layer_scale else None, blk.norm2.weight, blk.norm2.bias,
-                                   blk.norm2.eps)
+            y = ops.add_layer_norm(x, a, layer_scale(blk.ls1), blk.norm2.weight, blk.norm2.bias, blk.norm2.eps)
             m = ops.linear(F.gelu(ops.linear(y, blk.mlp.fc1.weight, blk.mlp.fc1.bias)), blk.mlp.fc2.weight,
                            blk.mlp.fc2.bias)
-            g2 = blk.ls2.gamma if c.layer_scale else None
+            g2 = layer_scale(blk.ls2)
             if j + 1 < len(blocks):
                 nxt = blocks[j + 1].norm1
                 y = ops.add_layer_norm(x, m, g2, nxt.weight, nxt.bias, nxt.eps)
@@ -262,7 +257,7 @@ class AccelRunner:
         return x.view(N, S, w)[:, S - c.num_patches:]
 
     def _vision_fn(self, pix, prop_in):
-        m, ops = self.model, self.ops
+        m = self.model
         B = pix.shape[0]
         n_img = self.mcfg.num_images
 
@@ -281,13 +276,7 @@ class AccelRunner:
                 f1 = self._tower(m.vision_backbone.featurizer, imgs[:, :3])
                 f2 = self._tower(m.vision_backbone.fused_featurizer, imgs[:, 3:])
             feats = torch.cat([f1, f2], dim=2).reshape(B * n_img * f1.shape[1], -1)  # [B*512, 2176]
-            pj = m.projector
-            x = F.gelu(ops.linear(feats, pj.fc1.weight, pj.fc1.bias))
-            x = F.gelu(ops.linear(x, pj.fc2.weight, pj.fc2.bias))
-            x = ops.linear(x, pj.fc3.weight, pj.fc3.bias)
-            pp = m.proprio_projector
-            p = ops.linear(F.gelu(ops.linear(prop_in, pp.fc1.weight, pp.fc1.bias)), pp.fc2.weight, pp.fc2.bias)
-            return {"patches": x, "prop": p}
+            return {"patches": m.projector(feats), "prop": m.proprio_projector(prop_in)}
 
         return fn
 
@@ -337,7 +326,8 @@ class AccelRunner:
 
         return self._cached((B, P_max, tuple(lens), T_pad), make)
 
-    def _new_state(self, B, T, S, view_pos, view_mask, counts) -> State:
+    def _new_state(self, B: int, counts: np.ndarray) -> State:
+        T = int(counts.sum())
         T_pad, graphed = self.bucket(B, T)
         if graphed:
             buf = self._buf(B, T_pad)
@@ -348,103 +338,63 @@ class AccelRunner:
             pos = torch.empty(T_pad, dtype=torch.long, device=dev)
             cu = torch.empty(B + 2, dtype=torch.int32, device=dev)
             sel = torch.zeros(T_pad, dtype=torch.bool, device=dev)
-        return State(B, T, T_pad, graphed, h, pos, cu, counts, view_pos, view_mask, None, sel)
+        return State(B, T, T_pad, graphed, h, pos, cu, counts, sel)
 
     def _assemble(self, input_ids, lens, patches, prop) -> State:
         B, P_max = input_ids.shape
-        m, dev = self.mcfg, self.device
+        m = self.mcfg
         n_fixed = m.num_patch_tokens + self.A + 1  # 513 + 56 + 1
-        lengths = [P + n_fixed for P in lens]
-        T, S = sum(lengths), max(lengths)
-        if S > self.cos.shape[0]:
-            raise ValueError(f"a sequence of {S} positions exceeds the RoPE table ({self.cos.shape[0]} positions, "
-                             f"max_position_embeddings of the model); use a shorter instruction")
-        view_pos = torch.arange(S, device=dev)[None].expand(B, S)
-        len_t = self._cached(("lengths", tuple(lengths)), lambda: torch.tensor(lengths, device=dev))
-        view_mask = None if min(lengths) == S else view_pos < len_t[:, None]
-        st = self._new_state(B, T, S, view_pos, view_mask, len_t)
+        counts = np.array([P + n_fixed for P in lens], dtype=np.int64)
+        if int(counts.max()) > self.cos.shape[0]:
+            raise ValueError(f"a sequence of {int(counts.max())} positions exceeds the RoPE table "
+                             f"({self.cos.shape[0]} positions, max_position_embeddings of the model); use a shorter "
+                             f"instruction")
+        st = self._new_state(B, counts)
         idx, pos, cu = self._layout(B, P_max, lens, st.T_pad)
-        emb = self.model.llm.embed_tokens.weight
-        tok = F.embedding(input_ids.reshape(-1), emb).to(self.dtype)
-        extra = torch.zeros(2, self.D, dtype=self.dtype, device=dev)
-        extra[1] = emb[m.stop_id].to(self.dtype)
+        tok = self.model.llm.embed_tokens(input_ids.reshape(-1)).to(self.dtype)
+        extra = torch.zeros(2, self.D, dtype=self.dtype, device=self.device)
+        extra[1] = self.model.llm.embed_tokens.weight[m.stop_id].to(self.dtype)
         src = torch.cat([tok, patches, prop, extra], dim=0)
         torch.index_select(src, 0, idx, out=st.h)
         st.pos.copy_(pos)
         st.cu.copy_(cu)
-        starts = cu[:B].long()
-        st.pack_idx = starts[:, None] + torch.arange(S, device=dev)[None]
         return st
 
-    def _pack(self, B, h, positions, key_mask, host_counts=None) -> State:
-        """A hook's padded (h [B, S', D], positions, key_mask) -> a packed State (valid rows in order).
-        host_counts: the hook's own rows per sample (PrunePlan.kept_counts), else read back from key_mask."""
-        S2, dev = h.shape[1], self.device
-        if key_mask is None:  # every sample has S2 rows: packed = the view's rows; no device-side bookkeeping
-            st = self._new_state(B, B * S2, S2, positions, None, None)
-            src, cu, pack_idx, counts = self._uniform_layout(B, S2, st.T_pad)
-            st.counts, st.pack_idx = counts, pack_idx
-            torch.index_select(h.reshape(B * S2, -1), 0, src, out=st.h)  # padding rows: copies of the last row
-            torch.index_select(positions.reshape(-1), 0, src, out=st.pos)
-            st.cu.copy_(cu)
-            return st
-        counts = key_mask.sum(1)
-        # rows in total: from the hook's host counts, else a device read (a sync: ragged batches, other hooks)
-        T = int(host_counts.sum()) if host_counts is not None else int(counts.sum())
-        st = self._new_state(B, T, S2, positions, key_mask, counts)
-        valid = key_mask.reshape(-1).long()
-        csum = valid.cumsum(0)
-        src = torch.searchsorted(csum, torch.arange(1, st.T_pad + 1, device=dev)).clamp_(max=B * S2 - 1)
-        torch.index_select(h.reshape(B * S2, -1), 0, src, out=st.h)  # padding rows: copies of the last row
-        torch.index_select(positions.reshape(-1), 0, src, out=st.pos)
-        cu = torch.zeros(B + 2, dtype=torch.int32, device=dev)
-        cu[1:B + 1] = counts.cumsum(0).to(torch.int32)
-        cu[B + 1] = st.T_pad
-        st.cu.copy_(cu)
-        st.pack_idx = (csum - 1).view(B, S2)
-        return st
+    def _pack(self, st: State, keep: Keep) -> State:
+        """The packed rows after a prune: each sample's kept rows, in order (one gather), then padding rows (copies
+        of the last kept row, position 0) up to the token bucket. Built from the host's Keep: no device read."""
+        valid = keep.valid
+        src = (st.starts[:, None] + keep.index)[valid]  # [T'] packed row of every kept token
+        new = self._new_state(st.B, keep.counts.astype(np.int64))
+        pad = new.T_pad - new.T
+        both = np.concatenate([src, np.full(pad, src[-1]), keep.positions[valid], np.zeros(pad, dtype=np.int64),
+                               [0], np.cumsum(keep.counts), [new.T_pad]])
+        both = to_device_async(both, self.device)  # one copy: [src | positions | cu_seqlens]
+        T_pad = new.T_pad
+        if new.h.data_ptr() == st.h.data_ptr():  # the same bucket's static buffer: gather out of place first
+            new.h.copy_(st.h.index_select(0, both[:T_pad]))
+        else:
+            torch.index_select(st.h, 0, both[:T_pad], out=new.h)
+        new.pos.copy_(both[T_pad:2 * T_pad])
+        new.cu.copy_(both[2 * T_pad:])
+        return new
 
-    def _uniform_layout(self, B: int, S: int, T_pad: int):
-        """Cached device tensors of B samples x S rows padded to T_pad: gather index, cu_seqlens, pack map, counts."""
-
-        def make():
-            dev = self.device
-            src = torch.arange(T_pad, device=dev).clamp_(max=B * S - 1)
-            cu = torch.tensor([b * S for b in range(B + 1)] + [T_pad], dtype=torch.int32, device=dev)
-            pack_idx = torch.arange(B * S, device=dev).view(B, S)
-            counts = torch.full((B,), S, dtype=torch.long, device=dev)
-            return src, cu, pack_idx, counts
-
-        return self._cached(("uniform", B, S, T_pad), make)
-
-    def _view_h(self, st: State) -> torch.Tensor:
-        """The hook's padded view [B, S, D] of the packed rows (zero-copy when no sample is padded)."""
-        if st.uniform:
-            return st.h[:st.B * st.S].view(st.B, st.S, self.D)
-        idx = st.pack_idx.clamp(0, st.T_pad - 1)
-        return torch.where(st.view_mask[..., None], st.h[idx], torch.zeros((), dtype=self.dtype, device=self.device))
-
-    def _call_hook(self, hook, a: int, b: int, st: State):
-        """before_layer / score_rows for layers a..b, in the reference's order; tokens may change only at a."""
-        h_view = self._view_h(st)
+    def _decide(self, decisions, a: int, b: int, st: State):
+        """keep / rows of the decisions for layers a..b, in order; tokens may change only at a, rows only at b."""
         rows = None
         for i in range(a, b + 1):
-            h2, pos2, mask2 = hook.before_layer(i, h_view, st.view_pos, st.view_mask)
-            if h2 is not h_view or pos2 is not st.view_pos or mask2 is not st.view_mask:
+            keep = decisions.keep(i)
+            if keep is not None:
                 if i != a:
                     raise RuntimeError(
-                        f"the pruning hook changed the tokens before layer {i}, inside a graph segment "
-                        f"{a}..{b}: a hook that drops tokens after layer {i - 1} must list it in `prune_layers` "
-                        f"(or define neither score_layers nor prune_layers: one segment per layer)")
-                st = self._pack(st.B, h2, pos2, mask2, getattr(hook, "kept_counts", {}).get(i))
-                h_view = h2
-            r = hook.score_rows(i, st.view_pos, st.view_mask)
+                        f"the pruning decisions changed the tokens before layer {i}, inside a graph segment {a}..{b}: "
+                        f"decisions that drop tokens after layer {i - 1} must list it in `prune_layers`")
+                st = self._pack(st, keep)
+            r = decisions.rows(i)
             if r is not None and i != b:
-                raise RuntimeError(f"the pruning hook asked for scores at layer {i}, inside a graph segment {a}..{b}: "
-                                   f"list it in `score_layers`")
+                raise RuntimeError(f"the pruning decisions asked for scores at layer {i}, inside a graph segment "
+                                   f"{a}..{b}: list it in `score_layers`")
             rows = r if i == b else rows
-        if rows is not None:
-            st.host_rows = getattr(hook, "score_rows_host", {}).get(b)
         return st, rows
 
     # ------------------------------------------------------------------ backbone
@@ -524,7 +474,7 @@ class AccelRunner:
         return self.graphs.run(key, fn, what=f"backbone layers {a}..{b} at B={st.B}, {st.T_pad} token rows")
 
     def _segment_early_read(self, a: int, b: int, st: State, rows) -> torch.Tensor:
-        """Layers a..b where the hook waits for layer b's key mass (CUDA graphs, one uniform batch, kernel key
+        """Layers a..b where the decisions wait for layer b's key mass (CUDA graphs, one uniform batch, kernel key
         mass): graph A runs up to layer b's attention, the key mass goes to pinned host memory on a side stream
         while graph B runs the rest of layer b (O-projection and MLP) -- the host decides while the GPU works.
         -> the key mass [B, S] on the host, ready."""
@@ -560,56 +510,48 @@ class AccelRunner:
         done.synchronize()
         return host
 
-    def _fill_sel(self, st: State, rows):
-        if st.host_rows is not None and st.uniform:  # built on the host: one copy instead of six device ops
-            idx, valid = st.host_rows
-            sel = np.zeros(st.T_pad, dtype=bool)
-            sel[(idx + st.S * np.arange(st.B)[:, None])[valid]] = True
-            copy_into_async(st.sel, sel)
-            return
-        row_idx, row_valid = rows
-        if st.uniform:  # packed row = b * S + s
-            prow = row_idx + torch.arange(0, st.B * st.S, st.S, device=self.device)[:, None]
-        else:
-            prow = st.pack_idx.gather(1, row_idx.clamp(0, st.S - 1))
-        prow = torch.where(row_valid, prow, torch.full_like(prow, st.T_pad))  # invalid -> the extra slot
-        sel = torch.zeros(st.T_pad + 1, dtype=torch.int8, device=self.device).scatter_(0, prow.reshape(-1), 1)
-        st.sel.copy_(sel[:st.T_pad])  # (scatter_ with a scalar: no host round trip, unlike sel[idx] = True)
+    def _fill_sel(self, st: State, rows: Rows):
+        """The attention kernel's row selection [T_pad] from the host rows: one copy."""
+        sel = np.zeros(st.T_pad, dtype=bool)
+        sel[(st.starts[:, None] + rows.index)[rows.valid]] = True
+        copy_into_async(st.sel, sel)
 
-    def _key_mass(self, st: State, out: dict, rows) -> torch.Tensor:
-        """[B, S] fp32 key mass in the hook's view (what llama.key_mass_from_rows gives the reference)."""
-        if "mass" in out:
-            if st.uniform:  # a view of the graph's buffer: the hook copies what it keeps (as with h)
-                return out["mass"][:st.B * st.S].view(st.B, st.S)
-            mass = out["mass"][st.pack_idx.clamp(0, st.T_pad - 1)]
-            return mass * st.view_mask
+    def _padded(self, st: State) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(packed row of each [B, S] view slot, valid [B, S] or None when uniform), on the device."""
+        S = st.S
+        idx = np.minimum(st.starts[:, None] + np.arange(S), st.T_pad - 1)
+        if st.uniform:
+            return to_device_async(idx, self.device), None
+        both = to_device_async(np.concatenate([idx, np.arange(S) < st.counts[:, None]]), self.device)
+        return both[:st.B], both[st.B:] != 0
+
+    def _key_mass(self, st: State, out: dict, rows: Rows) -> torch.Tensor:
+        """[B, S] fp32 key mass per sample (what llama.key_mass_from_rows gives the reference)."""
         B, S, H, D = st.B, st.S, self.H, self.D
+        if "mass" in out:
+            if st.uniform:  # a view of the graph's buffer: the decisions copy what they keep
+                return out["mass"][:B * S].view(B, S)
+            idx, valid = self._padded(st)
+            return out["mass"][idx] * valid
+        if st.uniform:
+            idx, valid = None, None
+        else:
+            idx, valid = self._padded(st)
 
         def view(t):  # [T_pad, H, d] -> [B, H, S, d]
-            if st.uniform:
+            if idx is None:
                 return t[:B * S].view(B, S, H, D // H).transpose(1, 2)
-            return t[st.pack_idx.clamp(0, st.T_pad - 1)].transpose(1, 2)
+            return t[idx].transpose(1, 2)
 
-        return key_mass_from_rows(view(out["q"]), view(out["k"]), padding_bias(st.view_mask, self.dtype), *rows)
+        return key_mass_from_rows(view(out["q"]), view(out["k"]), padding_bias(valid, self.dtype),
+                                  *score_rows_on(rows, self.device))
 
     # ------------------------------------------------------------------ action head
     def _head_fn(self, B: int):
-        act, head = self._act_buf(B), self.model.action_head.model
-        chunk = self.mcfg.chunk
-        ops = self.ops
+        act = self._act_buf(B)
 
-        def fn(commit: bool):
-            x = act.view(B * chunk, -1)  # [B*8, 7*D]
-            ln = head.layer_norm1
-            x = F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
-            x = F.relu(ops.linear(x, head.fc1.weight, head.fc1.bias))
-            for blk in head.mlp_resnet_blocks:
-                ln, lin = blk.ffn[0], blk.ffn[1]
-                y = F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
-                x = x + F.relu(ops.linear(y, lin.weight, lin.bias))
-            ln = head.layer_norm2
-            x = F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
-            return {"actions": ops.linear(x, head.fc2.weight, head.fc2.bias).view(B, chunk, -1)}
+        def fn(commit: bool):  # the model's own action head on the 56 action rows of each sample
+            return {"actions": self.model.action_head(act.view(B, self.A, self.D))}
 
         return fn
 

@@ -55,6 +55,11 @@ def _adjacent(weights: list[torch.Tensor]) -> bool:
     return True
 
 
+def layer_scale(module: nn.Module) -> torch.Tensor | None:
+    """A tower block's layer scale (LayerScale's one parameter) or None (nn.Identity: no layer scale)."""
+    return next(module.parameters(), None)
+
+
 def fuse_backbone(llm, share: bool = True) -> list[LayerWeights]:
     out = []
     for layer in llm.layers:

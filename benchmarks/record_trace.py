@@ -1,6 +1,6 @@
 """Record a LIBERO trace (real simulator frames) for the GPU benchmark, which has no simulator.
 
-    python -m vla_accel.runtime.record --out .devcarry/libero_spatial_t0.npz --steps 64
+    python -m benchmarks.record_trace --out .devcarry/libero_spatial_t0.npz --steps 64
 
 Runs libero_spatial task 0 (init state 0, seed 0, 256 px, the 10 settle no-ops of the OFT protocol)
 with SCRIPTED smooth actions (the arm sweeps so frames change step to step, as under a policy) and
@@ -52,7 +52,7 @@ def record(out: str | os.PathLike, *, suite: str = "libero_spatial", task_id: in
         obs, _, _, _, _ = env.step(a)
     env.close()
     meta = {"suite": suite, "task_id": task_id, "episode": episode, "image_size": image_size, "upright": True,
-            "settle_steps": settle_steps, "policy": "scripted sweep (vla_accel.runtime.record.scripted_action)"}
+            "settle_steps": settle_steps, "policy": "scripted sweep (benchmarks.record_trace.scripted_action)"}
     out = save_trace(out, frames, info["instruction"], meta)
     print(f"recorded {steps} steps of {suite} task {task_id} ('{info['instruction']}') in {time.time() - t0:.1f} s "
           f"-> {out}")

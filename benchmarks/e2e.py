@@ -1,7 +1,7 @@
 """End-to-end benchmark: a recorded LIBERO trace through the OFT policy on five executors.
 
-    vla-accel-bench e2e --trace .devcarry/libero_spatial_t0.npz --out benchmarks/results/e2e
-    vla-accel-bench e2e --preset tiny --device cpu --steps 4 --allow-short      # smoke run, no GPU
+    python -m benchmarks.e2e --trace .devcarry/libero_spatial_t0.npz --out benchmarks/results/e2e
+    python -m benchmarks.e2e --preset tiny --device cpu --steps 4 --allow-short      # smoke run, no GPU
 
 Per step of the trace (real simulator frames, both cameras) one policy call `predict_from_inputs` (the
 image pre-processing, identical for all, is done before and not timed), configurations:
@@ -79,20 +79,23 @@ class Marks:
 
 
 class SplitExecutor:
-    """(a) / (b): the model's own pieces with split marks; `backbone(seq, hook)` -> final-norm hidden."""
+    """(a) / (b): the model's own pieces with split marks; `backbone(seq, decisions)` -> final-norm hidden."""
 
     def __init__(self, model, backbone):
         self.model, self.backbone, self.last = model, backbone, None
 
     @torch.inference_mode()
-    def __call__(self, input_ids, pixel_values, proprio, prompt_lens=None, hook=None):
+    def describe(self) -> dict:
+        return {"executor": "reference-split"}
+
+    def __call__(self, input_ids, pixel_values, proprio, prompt_lens=None, decisions=None):
         m = self.model
         marks = Marks(pixel_values.device)
         marks.mark()
         feats = m.encode_images(pixel_values)
         marks.mark()
         seq = m.assemble(input_ids, prompt_lens, feats, proprio)
-        hidden, key_mask = self.backbone(seq, hook)
+        hidden, key_mask = self.backbone(seq, decisions)
         marks.mark()
         act_h = m.action_window(hidden, key_mask)
         out = m.action_head(act_h).float()
@@ -109,11 +112,13 @@ class Capture:
 
     def __init__(self, inner):
         self.inner, self.last = inner, None
-        self.host_prompt_lens = getattr(inner, "host_prompt_lens", False)
 
-    def __call__(self, input_ids, pixel_values, proprio, prompt_lens=None, hook=None):
-        out = self.inner(input_ids, pixel_values, proprio, prompt_lens=prompt_lens, hook=hook)
-        self.last = {"args": (input_ids, pixel_values, proprio, prompt_lens), "hook": hook, "out": out}
+    def describe(self) -> dict:
+        return self.inner.describe()
+
+    def __call__(self, input_ids, pixel_values, proprio, prompt_lens=None, decisions=None):
+        out = self.inner(input_ids, pixel_values, proprio, prompt_lens=prompt_lens, decisions=decisions)
+        self.last = {"args": (input_ids, pixel_values, proprio, prompt_lens), "decisions": decisions, "out": out}
         return out
 
     def split_ms(self):
@@ -138,6 +143,43 @@ def rel(a, b) -> float:
     return float((a - b).norm() / b.norm().clamp(min=1e-30))
 
 
+TARGETS = Path(__file__).with_name("targets.json")
+
+
+def load_targets(path: str | os.PathLike | None = None) -> list[dict]:
+    """The e2e targets (data: benchmarks/targets.json); each {name, ratio: [figure, figure], at_most | at_least}."""
+    path = Path(path) if path else TARGETS
+    targets = json.loads(path.read_text())["e2e"]
+    for t in targets:
+        if not isinstance(t.get("name"), str) or len(t.get("ratio", ())) != 2 or \
+                sum(k in t for k in ("at_most", "at_least")) != 1:
+            raise ValueError(f"{path}: target {t!r} needs a name, ratio: [figure, figure] and one of at_most / "
+                             f"at_least")
+    return targets
+
+
+def figure(configs: dict, path: str):
+    """'d.latency_ms.median' -> configs['d']['latency_ms']['median'], or None when absent."""
+    x = configs
+    for part in path.split("."):
+        if not isinstance(x, dict) or x.get(part) is None:
+            return None
+        x = x[part]
+    return x
+
+
+def check_targets(configs: dict, targets: list[dict]) -> dict:
+    """{name: {"ratio", "met"}} for every target whose two figures were measured."""
+    out = {}
+    for t in targets:
+        num, den = (figure(configs, p) for p in t["ratio"])
+        if num is None or not den:
+            continue
+        r = num / den
+        out[t["name"]] = {"ratio": r, "met": r <= t["at_most"] if "at_most" in t else r >= t["at_least"]}
+    return out
+
+
 # ---------------------------------------------------------------------------- inputs
 def load_trace_npz(path: str) -> dict:
     try:
@@ -157,8 +199,9 @@ def observations(trace: dict, idx: int) -> dict:
 
 
 def cache_prepare(policy) -> None:
-    """Memoizes policy.prepare per observation: the image pre-processing (JPEG + Lanczos, ~11 ms per step
-    of two 256 px frames on a 2-core host) is identical for every configuration and not timed, so the trace pays it once per frame."""
+    """Memoizes policy.prepare per observation: the image pre-processing (JPEG + Lanczos, ~11 ms per step of two
+    256 px frames on a 2-core host) is identical for every configuration and not timed, so the trace pays it once
+    per frame."""
     orig, memo = policy.prepare, {}
 
     def key(obs, text):
@@ -191,7 +234,7 @@ def prune_config(path: str | None) -> dict:
 # ---------------------------------------------------------------------------- runs
 def run_plain(policy, executor, inputs, warmup: int, device) -> dict:
     """One call per step with fixed inputs (ids, pixels, proprio prepared on the host)."""
-    policy.executor = executor
+    policy = policy.with_executor(executor)
     lat, splits, outs = [], [], []
     for i in range(min(warmup, len(inputs))):
         policy.predict_from_inputs(*inputs[i])
@@ -239,12 +282,12 @@ class MethodTimer:
 
 
 class HookTimer(MethodTimer):
-    """Host time spent inside the pruning plan's protocol methods (incl. any device sync they do), per call."""
+    """Host time spent inside the pruning plan's PruneDecisions methods (incl. any wait for the key mass), per call."""
 
     def __init__(self):
         from vla_accel.prune.plan import PrunePlan
 
-        super().__init__([(PrunePlan, n) for n in ("before_layer", "score_rows", "on_scores")])
+        super().__init__([(PrunePlan, n) for n in ("keep", "rows", "scores")])
 
     def take_ms(self) -> float:
         """ms since the last take_ms, then zero."""
@@ -256,12 +299,10 @@ class HookTimer(MethodTimer):
 def run_specprune(policy, executor, prune_cfg, trace, steps: int, streams: int, offset: int, device,
                   check_every: int = 0, keep_replay: bool = False) -> dict:
     """One batched SpecPrune query per step over `streams` streams of the trace (stream s lags by s*offset)."""
-    from vla_accel.prune import make_actor
-    from vla_accel.runtime.plan import KeepPlan
+    from vla_accel.prune import KeepPlan, make_actor
 
     cap = Capture(executor)
-    policy.executor = cap
-    actor = make_actor(policy, prune_cfg)
+    actor = make_actor(policy.with_executor(cap), prune_cfg)
     actor.reset(list(range(streams)))
     T = len(trace["state"])
     lat, splits, tokens, checks, hook_ms, replay = [], [], [], [], [], []
@@ -291,13 +332,13 @@ def run_specprune(policy, executor, prune_cfg, trace, steps: int, streams: int, 
 def run_replay(policy, executor, replay, instruction, device) -> dict:
     """The token sets SpecPrune chose, applied by KeepPlan (a plan with no scoring and no host syncs): what the
     executor costs at exactly those token counts, without the pruning logic's own overhead."""
-    policy.executor = executor
+    policy = policy.with_executor(executor)
     lat, splits = [], []
     for obs, plan in replay:
         ids, pix, prop = policy.prepare(obs, [instruction] * len(obs))
         _sync(device)
         t0 = time.perf_counter()
-        policy.predict_from_inputs(ids, pix, prop, hook=plan)
+        policy.predict_from_inputs(ids, pix, prop, decisions=plan)
         _sync(device)
         lat.append((time.perf_counter() - t0) * 1e3)
         sp = executor.split_ms()
@@ -306,20 +347,20 @@ def run_replay(policy, executor, replay, instruction, device) -> dict:
     return {"lat": lat, "splits": splits}
 
 
-def fp32_forward(model, args, hook=None):
+def fp32_forward(model, args, decisions=None):
     """The reference model evaluated with every weight upcast to fp32 (transient copy)."""
     params = {k: v.float() for k, v in list(model.named_parameters()) + list(model.named_buffers())}
     ids, pix, prop, lens = args
     with torch.inference_mode():
         out = torch.func.functional_call(model, params, (ids, pix.float(), prop.float()),
-                                         {"prompt_lens": lens, "hook": hook})
+                                         {"prompt_lens": lens, "decisions": decisions})
     del params
     return out
 
 
 # ---------------------------------------------------------------------------- main
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="vla-accel-bench e2e", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.e2e", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trace", default=".devcarry/libero_spatial_t0.npz", help="trace .npz (vla_accel.envs.trace)")
     p.add_argument("--steps", type=int, default=64, help="consecutive trace steps (>= 50 unless --allow-short)")
@@ -342,6 +383,7 @@ def parse_args(argv):
     p.add_argument("--memory-limit-gb", type=float, default=24.0,
                    help="CUDA: cap the caching allocator at this many GiB while the model is built and (c)/(d)/(e) "
                         "run (torch.cuda.set_per_process_memory_fraction); 0 = no cap")
+    p.add_argument("--targets", default=None, help="targets JSON (default benchmarks/targets.json)")
     p.add_argument("--out", default=None, help="folder for e2e.json / e2e.md")
     p.add_argument("--commit", default=os.environ.get("VLA_COMMIT", ""), help="git commit benchmarked")
     return p.parse_args(argv)
@@ -350,9 +392,10 @@ def parse_args(argv):
 def main(argv=None) -> dict:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     import vla_accel
+    from vla_accel.prune import KeepPlan
     from vla_accel.runtime import AccelRunner, RuntimeConfig
-    from vla_accel.runtime.plan import KeepPlan
-    from vla_accel.runtime.roofline import floors
+
+    from .roofline import floors
 
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     bad = [c for c in configs if c not in CONFIGS]
@@ -486,17 +529,17 @@ def main(argv=None) -> dict:
 
     # ---- (b) reference, (a) stock
     if "b" in configs or any(k in configs for k in "cde"):
-        ref = SplitExecutor(model, lambda seq, hook: model.llm(seq.embeds, seq.positions, seq.key_mask, hook=hook)[::2])
+        ref = SplitExecutor(model, lambda seq, d: model.llm(seq.embeds, seq.positions, seq.key_mask, decisions=d)[::2])
         run = run_plain(policy, ref, inputs, args.warmup if "b" in configs else 0, device)
         ref_actions = run["actions"]
         if "b" in configs:
             record("b", run, [[n_tok] * L])
     if "a" in configs:
         try:
-            from vla_accel.runtime.stock import StockExecutor
+            from .stock import StockExecutor
 
             stock = StockExecutor(model)
-            run = run_plain(policy, SplitExecutor(model, lambda seq, hook: (stock.backbone(seq), seq.key_mask)),
+            run = run_plain(policy, SplitExecutor(model, lambda seq, dec: (stock.backbone(seq), seq.key_mask)),
                             inputs, args.warmup, device)
             record("a", run, [[n_tok] * L])
             results["checks"]["a_vs_reference_max_rel"] = max(rel(x, y) for x, y in zip(run["actions"], ref_actions))
@@ -504,7 +547,6 @@ def main(argv=None) -> dict:
         except Exception as err:  # noqa: BLE001
             results["errors"]["a"] = traceback.format_exc()
             print(f"[a] FAILED: {err}", flush=True)
-    policy.executor = model
 
     # ---- equivalence checks. fp32 anchor first: the reference's own bf16 error sets the tolerance
     ck = results["checks"]
@@ -513,7 +555,7 @@ def main(argv=None) -> dict:
         try:
             for i in range(min(args.anchor_steps, len(inputs))):
                 ids, lens = policy.batch_ids(inputs[i][0])
-                a = (ids.to(device), inputs[i][1].to(device, dtype), inputs[i][2].to(device, dtype), lens.to(device))
+                a = (ids.to(device), inputs[i][1].to(device, dtype), inputs[i][2].to(device, dtype), lens)
                 r32 = fp32_forward(model, a)[0]
                 with torch.inference_mode():
                     r16 = model(*a[:3], prompt_lens=a[3])[0]
@@ -524,7 +566,7 @@ def main(argv=None) -> dict:
                     plan = KeepPlan.from_prune_plan(c["plan"])
                     r32 = fp32_forward(model, c["args"], plan)[0]
                     with torch.inference_mode():
-                        r16 = model(*c["args"][:3], prompt_lens=c["args"][3], hook=plan)[0]
+                        r16 = model(*c["args"][:3], prompt_lens=c["args"][3], decisions=plan)[0]
                     anchors.append((key, rel(r16, r32), rel(c["out"][0], r32)))
             ck["fp32_anchor"] = [{"config": k, "reference_bf16_rel": e16, "accel_rel": ea,
                                   "pass": ea <= 2 * e16 + 1e-3} for k, e16, ea in anchors]
@@ -548,30 +590,15 @@ def main(argv=None) -> dict:
         errs = []
         for c in run["checks"]:
             with torch.inference_mode():
-                ref_out = model(*c["args"][:3], prompt_lens=c["args"][3], hook=KeepPlan.from_prune_plan(c["plan"]))
+                ref_out = model(*c["args"][:3], prompt_lens=c["args"][3],
+                                decisions=KeepPlan.from_prune_plan(c["plan"]))
             errs += [rel(a, b) for a, b in zip(c["out"][0], ref_out[0])]
         if errs:
             ck[key] = {"max_rel": max(errs), "median_rel": float(np.median(errs)), "chunks": len(errs),
                        "pass": max(errs) <= tol, "how": "same pruning decisions replayed through the reference"}
 
     # ---- targets, environment, output
-    cf = results["configs"]
-    tg = {}
-    if "c" in cf:
-        tg["c_le_1.3x_floor"] = {"ratio": cf["c"]["ratio_to_floor"], "met": cf["c"]["ratio_to_floor"] <= 1.3}
-    if "d" in cf:
-        r = cf["d"]["latency_ms"]["median"] / cf["d"]["floor_at_mean_tokens_ms"]
-        tg["d_le_1.3x_floor_at_mean_tokens"] = {"ratio": r, "met": r <= 1.3}
-        if "d'" in cf:
-            r = cf["d'"]["latency_ms"]["median"] / cf["d"]["floor_at_mean_tokens_ms"]
-            tg["d_executor_only_ratio_to_floor (diagnostic)"] = {"ratio": r, "met": r <= 1.3}
-    if "d" in cf and "a" in cf:
-        s = cf["a"]["latency_ms"]["median"] / cf["d"]["latency_ms"]["median"]
-        tg["d_ge_4x_faster_than_a"] = {"speedup": s, "met": s >= 4.0}
-    if "d" in cf and "e" in cf:
-        s = cf["e"]["chunks_per_s"] / cf["d"]["chunks_per_s"]
-        tg["e_ge_4x_chunks_per_s_of_d"] = {"ratio": s, "met": s >= 4.0}
-    results["targets"] = tg
+    results["targets"] = check_targets(results["configs"], load_targets(args.targets))
     results["memory"] = mem
     results["env"] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
@@ -612,7 +639,8 @@ def markdown(res: dict) -> str:
              f"device: {env['device']} | date: {env['date']} | commit: {env['commit'] or '?'} | torch {env['torch']}"
              f" | triton {env['triton']} | trace: {env['steps']} steps of {env.get('trace_meta') or env['trace']}", "",
              "| configuration | chunk median ms | p90 ms | vision ms | backbone ms | head ms | pruning plan (host) ms "
-             "| backbone tokens | floor ms | median / floor | chunks/s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| backbone tokens | floor ms | median / floor | chunks/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def f(x, nd=2):
         return "-" if x is None else f"{x:.{nd}f}"
@@ -623,8 +651,9 @@ def markdown(res: dict) -> str:
         floor = r.get("floor_at_mean_tokens_ms", r["floor_ms"])
         cps = r.get("chunks_per_s") or (1e3 / lat["median"] if lat["median"] else None)
         label = r["label"] + (f" {r['runtime']}" if "runtime" in r else "")
+        hook_ms = (r.get("hook_host_ms") or {}).get("median")
         lines.append(f"| {label} | {f(lat['median'])} | {f(lat['p90'])} | {f(sp.get('vision'))} | "
-                     f"{f(sp.get('backbone'))} | {f(sp.get('head'))} | {f((r.get('hook_host_ms') or {}).get('median'))} | "
+                     f"{f(sp.get('backbone'))} | {f(sp.get('head'))} | {f(hook_ms)} | "
                      f"{f(r['tokens_mean'], 1)} | {f(floor)} | "
                      f"{f(lat['median'] / floor if lat['median'] else None)} | {f(cps, 1)} |")
     lines += ["", "Targets:"]
@@ -634,7 +663,8 @@ def markdown(res: dict) -> str:
     for k, v in res.get("checks", {}).items():
         lines.append(f"- {k}: {json.dumps(v, default=lambda x: round(x, 5) if isinstance(x, float) else str(x))}")
     if res.get("memory"):
-        lines.append(f"\nMemory (GiB): {json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in res['memory'].items()})}")
+        mem = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in res["memory"].items()}
+        lines.append(f"\nMemory (GiB): {json.dumps(mem)}")
     if res.get("errors"):
         lines.append(f"\nErrors in: {sorted(res['errors'])} (tracebacks in e2e.json)")
     return "\n".join(lines)

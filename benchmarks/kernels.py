@@ -1,6 +1,6 @@
-"""vla-accel-bench kernels: time the kernels against cuBLAS / torch SDPA on this GPU and write a result file.
+"""Kernel benchmark: time the kernels against cuBLAS / torch SDPA on this GPU and write a result file.
 
-    vla-accel-bench kernels [--out benchmarks/results] [--table kernels/tables/<gpu>.json] [--quick]
+    python -m benchmarks.kernels [--out benchmarks/results] [--table kernels/tables/<gpu>.json] [--quick]
 
 Writes kernels_<gpu>_<UTC date>.json (all figures, device, versions, date) and a .md summary into --out.
 
@@ -25,16 +25,30 @@ from pathlib import Path
 
 import torch
 
-from .attention import AttentionConfig, attention
-from .calibrate import calibrate_phi, row_logsumexp
-from .dispatch import DispatchTable, choose, choose_attention, default_table, gpu_slug, load_table
-from .gemm import GemmConfig, GemvConfig, default_gemm_config
-from .reference import attention_reference, gate_up_silu_reference, linear_reference
-from .tune import (M_GRID, LinearShape, ShapeBuffers, attention_batches, compile_signature, environment,
-                   llm_dims_from_preset, model_linear_shapes, packed_qkv, precompile, rel_err, sdpa_baselines,
-                   time_graph_us)
-# The floor rule and its rates (H100, docs/flashdecoding-pp.md) live in one place: the runtime's roofline.
-from vla_accel.runtime.roofline import COPY_BW as PEAK_BW, MATMUL_RATE as PEAK_FLOPS, floor_ms
+from vla_accel.kernels.attention import attention
+from vla_accel.kernels.calibrate import calibrate_phi, row_logsumexp
+from vla_accel.kernels.configs import AttentionConfig, GemmConfig, GemvConfig, default_gemm_config
+from vla_accel.kernels.reference import attention_reference, linear_reference
+from vla_accel.kernels.table import DispatchTable, choose, choose_attention, default_table, gpu_slug, load_table
+from vla_accel.kernels.timing import time_graph_us
+from vla_accel.kernels.tune import (
+    M_GRID,
+    LinearShape,
+    ShapeBuffers,
+    attention_batches,
+    compile_signature,
+    environment,
+    model_linear_shapes,
+    packed_qkv,
+    precompile,
+    rel_err,
+    sdpa_baselines,
+)
+from vla_accel.model.config import preset
+from vla_accel.model.llama import silu_mul
+
+# The floor rule and its rates (H100, docs/flashdecoding-pp.md) live in one place: roofline.py.
+from .roofline import COPY_BW as PEAK_BW, MATMUL_RATE as PEAK_FLOPS, floor_ms
 
 ATTN_L = [64, 128, 256, 384, 512, 640]
 
@@ -90,7 +104,7 @@ def bench_gemm(shapes: list[LinearShape], m_grid: list[int], table: DispatchTabl
             x, res = bufs.inputs(m)
             w0 = bufs.weights[0]
             if gated:
-                ref = gate_up_silu_reference(x, w0, out_dtype=torch.float32)
+                ref = silu_mul(*linear_reference(x, w0, out_dtype=torch.float32).chunk(2, dim=-1))
             else:
                 ref = linear_reference(x, w0, residual=res, out_dtype=torch.float32)
             impls = gemm_impls(s, m, table, num_sms)
@@ -281,7 +295,8 @@ def write_markdown(path: Path, res: dict) -> None:
                      f"| {cell('flat')} | {cell('flat_splitk')} | {cell('dispatched')} "
                      f"| {r['speedup_vs_cublas'].get('dispatched', float('nan')):.2f} | `{r['impls']['dispatched']}` |")
     lines += ["", "## Attention (us), H=32, D=128, bf16", "",
-              "| L | batch | config | ours unified | ours online | ours + key mass | best SDPA | SDPA us | x SDPA | rel err |",
+              "| L | batch | config | ours unified | ours online | ours + key mass | best SDPA | SDPA us | x SDPA "
+              "| rel err |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["attention"]:
         t = r["times_us"]
@@ -290,13 +305,13 @@ def write_markdown(path: Path, res: dict) -> None:
                      f"| {t.get('ours_online', float('nan')):.1f} | {t.get('ours_unified_score', float('nan')):.1f} "
                      f"| {best} | {t.get(best, float('nan')):.1f} | {r['speedup_vs_best_sdpa'] or float('nan'):.2f} "
                      f"| {r['rel_err_vs_fp32'].get('ours_unified')} |")
-    lines += ["", "## Fallback rate of the unified-max softmax", "", "```", json.dumps(res["fallback"], indent=1), "```",
-              ""]
+    lines += ["", "## Fallback rate of the unified-max softmax", "", "```", json.dumps(res["fallback"], indent=1),
+              "```", ""]
     path.write_text("\n".join(lines))
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="vla-accel-bench kernels", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.kernels", description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--table", type=Path, help="dispatch table (default: the packaged one for this GPU)")
     p.add_argument("--m", type=int, nargs="+", default=M_GRID)
@@ -310,18 +325,19 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if not torch.cuda.is_available():
-        print("vla-accel-bench kernels needs a CUDA GPU", file=sys.stderr)
+        print("benchmarks.kernels needs a CUDA GPU", file=sys.stderr)
         return 2
     env = environment()
     table = load_table(args.table) if args.table else default_table()
     print(f"benchmarking on {env['gpu']}; table: {args.table or 'packaged'} ({len(table.rules)} keys)")
     t0 = time.time()
-    res = {"environment": env, "command": "vla-accel-bench kernels " + " ".join(argv), "table_gpu": table.gpu,
+    res = {"environment": env, "command": "python -m benchmarks.kernels " + " ".join(argv), "table_gpu": table.gpu,
            "table_rules": table.to_dict()["rules"], "floor_constants": {"bw": PEAK_BW, "flops": PEAK_FLOPS}}
     res["ceilings"] = measure_ceilings()
     print(f"ceilings: {res['ceilings']}")
 
-    hidden, inter, heads, kv = llm_dims_from_preset("7b")
+    llm = preset("7b").llm
+    hidden, inter, heads, kv = llm.hidden, llm.intermediate, llm.heads, llm.kv_heads
     plain = [s for s in model_linear_shapes(hidden, inter, heads, kv) if s.op == "linear"]
     fused = [LinearShape("gate_up", "gate_up_silu", 2 * inter, hidden),
              LinearShape("o", "linear_residual", hidden, hidden),

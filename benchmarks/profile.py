@@ -1,8 +1,8 @@
 """Where the accelerated forward's time goes, on a GPU: kernels, idle gaps, the pruning plan's host path.
 
-    python -m vla_accel.runtime.profile --trace .devcarry/libero_spatial_t0.npz --out DIR     # GPU only
+    python -m benchmarks.profile --trace .devcarry/libero_spatial_t0.npz --out DIR     # GPU only
 
-The 7B architecture with random bf16 weights (as `vla-accel-bench e2e`). Writes into DIR:
+The 7B architecture with random bf16 weights (as `python -m benchmarks.e2e`). Writes into DIR:
   summary.json     per section: wall ms per call, GPU busy ms per call (union of kernel intervals), idle share
   kernels_<s>.txt  per-kernel CUDA time of the profiled calls of section s (vision / c / d / d_replay)
   host_d.txt       cProfile of the SpecPrune queries (d): the host functions by own time and cumulative time
@@ -197,12 +197,12 @@ def host_breakdown(policy, runner, cfg, trace, steps, dev) -> dict:
     from vla_accel.runtime.graphs import GraphCache
     from vla_accel.runtime.runner import AccelRunner
 
-    from .bench import MethodTimer, run_specprune
+    from .e2e import MethodTimer, run_specprune
 
-    targets = [(PrunePlan, n) for n in ("before_layer", "score_rows", "on_scores", "_read", "_flush", "_apply",
+    targets = [(PrunePlan, n) for n in ("keep", "rows", "scores", "_read", "_flush", "_drop",
                                         "_static_stage", "_scores", "_update_importance", "__init__", "summary")]
-    targets += [(AccelRunner, n) for n in ("forward", "_vision", "_assemble", "_call_hook", "_pack", "_fill_sel",
-                                           "_key_mass", "_segment", "_head", "_view_h")]
+    targets += [(AccelRunner, n) for n in ("forward", "_vision", "_assemble", "_decide", "_pack", "_fill_sel",
+                                           "_key_mass", "_segment", "_head")]
     targets += [(GraphCache, "run")]
     with MethodTimer(targets) as t:
         run = run_specprune(policy, runner, cfg, trace, steps, 1, 7, dev)
@@ -221,7 +221,7 @@ def write_ops(out: Path, runner) -> None:
 
 def graph_time_us(fn, reps: int = 20) -> float:
     """fn() captured `reps` times in one CUDA graph: median us per call over 10 replays (the kernels' timer)."""
-    from vla_accel.kernels.tune import time_graph_us
+    from vla_accel.kernels.timing import time_graph_us
 
     return time_graph_us(lambda i: fn(), reps, reps=10)
 
@@ -300,8 +300,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     import vla_accel
     from vla_accel.runtime import AccelRunner, RuntimeConfig
-    from vla_accel.runtime.bench import (WordTokenizer, cache_prepare, load_trace_npz, observations, prune_config,
-                                         run_replay, run_specprune)
+
+    from .e2e import WordTokenizer, cache_prepare, load_trace_npz, observations, prune_config, run_replay, run_specprune
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -315,7 +315,7 @@ def main(argv=None):
     runner = AccelRunner(policy.model, RuntimeConfig.from_dict({"name": "accel", "profile": True,
                                                                 **({} if cuda else {"on_cpu": "emulate"}),
                                                                 **json.loads(a.runtime)}))
-    policy.executor = runner
+    policy = policy.with_executor(runner)
     summary: dict = {"runtime": runner.describe()}
 
     if a.ops_only:

@@ -1,16 +1,15 @@
 """Host time of the pruning plan per forward, on CPU, without a model.
 
-    python -m vla_accel.prune.hostbench --layout tiny 7b --batch 1 8
+    python -m benchmarks.plan_host --layout tiny 7b --batch 1 8
 
-The plan only sees key mass [B, S] and hidden states [B, S, D]: a minimal executor feeds it synthetic key mass
-(random, continuous) of the real token layout (2 x 256 patches, ~35-token prompts, ragged over a batch; 10 % to
-40 % changed patches over a batch, so the static cap binds and the changed rule ranks by score) with
-the schedule of `configs/prune/specprune.yaml` (tiny: the 8-layer model's `layers_for_depth` entry) and a small
-hidden size (the gathers are device work on a GPU; here they run on the CPU, inside before_layer). Timed, per
-forward (median over reps, ms): the constructor, each hook method summed over the layers, summary(), and the
-sync path: the host time between the blocking read of a static layer's key mass and the launch of the next
-layer (on_scores of that layer + before_layer and score_rows of the next), when a GPU waits for the host.
-One torch thread, like the host thread of a GPU run.
+The plan only sees key mass [B, S]: a minimal executor feeds it synthetic key mass (random, continuous) of the real
+token layout (2 x 256 patches, ~35-token prompts, ragged over a batch; 10 % to 40 % changed patches over a batch,
+so the static cap binds and the changed rule ranks by score) with the schedule of `configs/prune/specprune.yaml`
+(tiny: the 8-layer model's `layers_for_depth` entry). Timed, per forward (median over reps, ms): the constructor,
+each PruneDecisions method (keep, rows, scores) summed over the layers, summary(), and the sync path: the host
+time between the blocking read of a static layer's key mass and the launch of the next layer (scores of that
+layer + keep and rows of the next), when a GPU waits for the host. One torch thread, like the host thread of a
+GPU run.
 """
 
 from __future__ import annotations
@@ -22,15 +21,14 @@ import numpy as np
 import torch
 import yaml
 
-from .config import SpecPruneConfig, yaml_path
-from .plan import Dims, plan_for_batch
+from vla_accel.prune.config import SpecPruneConfig, yaml_path
+from vla_accel.prune.plan import Dims, plan_for_batch
 
 LAYOUTS = {  # name -> (layers, hidden, intermediate) of the model (the FLOPs in summary())
     "tiny": (8, 64, 172),
     "7b": (32, 4096, 11008),
 }
-H = 8  # hidden size of the driven h: its gathers are device work on a GPU, kept small here
-PARTS = ("init", "before_layer", "score_rows", "on_scores", "summary", "sync_path")
+PARTS = ("init", "keep", "rows", "scores", "summary", "sync_path")
 
 
 def one_forward(cfg, layout: str, B: int, seed: int) -> dict[str, float]:
@@ -48,9 +46,7 @@ def one_forward(cfg, layout: str, B: int, seed: int) -> dict[str, float]:
               similarity=(~changed).double(),  # 0 for the changed patches, 1 elsewhere
               max_static=torch.tensor([list(cfg.static.changed.max_static)] * B),
               global_prev=torch.rand(B, dims.n_vis, generator=g) < 0.05)
-    positions = torch.arange(S)[None].expand(B, S)
-    key_mask = positions < total[:, None]
-    h = torch.zeros(B, S, H)
+    key_mask = torch.arange(S)[None] < total[:, None]
     ms = dict.fromkeys(PARTS, 0.0)
 
     def timed(part, sync, f, *a, **k):
@@ -64,11 +60,12 @@ def one_forward(cfg, layout: str, B: int, seed: int) -> dict[str, float]:
     plan = timed("init", False, plan_for_batch, cfg, sched, dims, lens, **kw)
     for i in range(layers):
         after_read = i - 1 in plan.static_layers
-        h, positions, key_mask = timed("before_layer", after_read, plan.before_layer, i, h, positions, key_mask)
-        if timed("score_rows", after_read, plan.score_rows, i, positions, key_mask) is not None:
-            m = mass[i, :, :positions.shape[1]]
-            m = m if key_mask is None else m * key_mask
-            timed("on_scores", i in plan.static_layers, plan.on_scores, i, m, positions, key_mask)
+        keep = timed("keep", after_read, plan.keep, i)
+        if keep is not None:
+            key_mask = torch.from_numpy(keep.valid)
+        if timed("rows", after_read, plan.rows, i) is not None:
+            m = mass[i, :, :key_mask.shape[1]] * key_mask
+            timed("scores", i in plan.static_layers, plan.scores, i, m)
     timed("summary", False, plan.summary)
     return ms
 
@@ -81,7 +78,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     cfg = SpecPruneConfig.from_dict(yaml.safe_load(yaml_path("specprune").read_text()))
-    print(f"host ms per forward, median of {args.reps} (hooks = before_layer + score_rows + on_scores; "
+    print(f"host ms per forward, median of {args.reps} (hooks = keep + rows + scores; "
           f"total = init + hooks + summary; sync_path: part of the hooks)")
     print(f"{'layout':>6} {'B':>3} " + " ".join(f"{p:>12}" for p in PARTS) + f" {'hooks':>8} {'total':>8}")
     for layout in args.layout:
@@ -90,7 +87,7 @@ def main(argv=None) -> None:
                 one_forward(cfg, layout, B, r)
             runs = [one_forward(cfg, layout, B, r) for r in range(args.reps)]
             med = {p: float(np.median([x[p] for x in runs])) for p in PARTS}
-            hooks = float(np.median([x["before_layer"] + x["score_rows"] + x["on_scores"] for x in runs]))
+            hooks = float(np.median([x["keep"] + x["rows"] + x["scores"] for x in runs]))
             total = float(np.median([sum(x[p] for p in PARTS[:5]) for x in runs]))
             cols = " ".join(f"{med[p]:>12.3f}" for p in PARTS)
             print(f"{layout:>6} {B:>3} {cols} {hooks:>8.3f} {total:>8.3f}")

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import torch
 
-from ..model.oft import OpenVLAOFT
+from vla_accel.model.oft import OpenVLAOFT
 
 
 def hf_llama(model: OpenVLAOFT):
     """transformers.LlamaModel over the model's own backbone tensors (assign, no copy), SDPA attention."""
-    from .._compat import hide_unloadable_torchvision
+    from vla_accel._compat import hide_unloadable_torchvision
 
     hide_unloadable_torchvision()
     from transformers import LlamaConfig, LlamaModel
@@ -47,12 +47,16 @@ class StockExecutor:
         self.hf = hf_llama(model)
 
     @torch.inference_mode()
-    def __call__(self, input_ids, pixel_values, proprio, prompt_lens=None, hook=None):
-        if hook is not None:
-            raise ValueError("the stock transformers backbone has no pruning hooks (configuration (a) is unpruned)")
+    def describe(self) -> dict:
+        return {"executor": "stock-transformers"}
+
+    def __call__(self, input_ids, pixel_values, proprio, prompt_lens=None, decisions=None):
+        if decisions is not None:
+            raise ValueError("the stock transformers backbone takes no pruning decisions (configuration (a) is "
+                             "unpruned)")
         m = self.model
         if prompt_lens is None:
-            prompt_lens = torch.full((input_ids.shape[0],), input_ids.shape[1], device=input_ids.device)
+            prompt_lens = torch.full((input_ids.shape[0],), input_ids.shape[1])
         seq = m.assemble(input_ids, prompt_lens, m.encode_images(pixel_values), proprio)
         act_h = m.action_window(self.backbone(seq), seq.key_mask)
         return m.action_head(act_h).float(), act_h
@@ -60,7 +64,9 @@ class StockExecutor:
     def backbone(self, seq):
         """seq: OpenVLAOFT.assemble's Sequence -> final-norm hidden states [B, S, D]."""
         B, S, _ = seq.embeds.shape
-        keys = seq.key_mask if seq.key_mask is not None else torch.ones(B, S, dtype=torch.bool, device=seq.embeds.device)
+        keys = seq.key_mask
+        if keys is None:
+            keys = torch.ones(B, S, dtype=torch.bool, device=seq.embeds.device)
         mask = keys[:, None, None, :].expand(B, 1, S, S)  # bidirectional: every query sees every real key
         return self.hf(inputs_embeds=seq.embeds, attention_mask=mask, position_ids=seq.positions,
                        use_cache=False).last_hidden_state

@@ -14,8 +14,8 @@ other, so it is a floor too, and the tighter one.
 
 from __future__ import annotations
 
-from ..model.config import OFTConfig
-from ..prune.flops import layer_flops as backbone_layer_flops
+from vla_accel.model.config import OFTConfig
+from vla_accel.prune.flops import layer_flops as backbone_layer_flops
 
 COPY_BW = 2.96e12  # B/s
 MATMUL_RATE = 750e12  # FLOP/s
