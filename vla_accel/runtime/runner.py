@@ -249,11 +249,11 @@ class AccelRunner:
             qkv = ops.linear(y, blk.attn.qkv.weight, blk.attn.qkv.bias).view(N * S, 3, heads, w // heads)
             o = ops.attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu, S, backend=backend)
             a = ops.linear(o.reshape(N * S, w), blk.attn.proj.weight, blk.attn.proj.bias)
-            y = ops.add_layer_norm(x, a, blk.ls1.gamma if c.layer_scale else None, blk.norm2.weight, blk.norm2.bias,
+            y = ops.add_layer_norm(x, a, blk.ls1.scale_factor if c.layer_scale else None, blk.norm2.weight, blk.norm2.bias,
                                    blk.norm2.eps)
             m = ops.linear(F.gelu(ops.linear(y, blk.mlp.fc1.weight, blk.mlp.fc1.bias)), blk.mlp.fc2.weight,
                            blk.mlp.fc2.bias)
-            g2 = blk.ls2.gamma if c.layer_scale else None
+            g2 = blk.ls2.scale_factor if c.layer_scale else None
             if j + 1 < len(blocks):
                 nxt = blocks[j + 1].norm1
                 y = ops.add_layer_norm(x, m, g2, nxt.weight, nxt.bias, nxt.eps)
