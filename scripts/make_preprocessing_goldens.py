@@ -14,8 +14,15 @@ It needs TensorFlow, which CI does not have; run it once in a separate environme
     python -m venv /tmp/tfvenv && /tmp/tfvenv/bin/pip install tensorflow-cpu==2.15.0
     /tmp/tfvenv/bin/python scripts/make_preprocessing_goldens.py [--frames sim_frames.npz]
 TensorFlow 2.15.0 is the version the official repository pins. `--frames` adds rendered LIBERO
-camera images (an .npz of uint8 [H, W, 3] arrays, e.g. saved from vla_accel.envs.libero.LiberoEnv);
-without it only the synthetic frames are made. Output: tests/fixtures/preprocessing_goldens.npz
+camera images (an .npz of uint8 [H, W, 3] arrays); without it only the synthetic frames are made. The
+committed file used the first observation of episode 0 (upright, 256 px), rendered in this project's
+environment with its stand-in assets (VLA_ACCEL_LIBERO_ASSETS, MUJOCO_GL=egl):
+    from vla_accel.envs.libero import LiberoEnv
+    frames = {}
+    for suite, task, cam in (("libero_spatial", 0, "full"), ("libero_10", 3, "wrist")):
+        obs, _ = LiberoEnv(suite=suite, task_id=task).reset(options={"episode": 0})
+        frames[f"{suite}_{task}_{cam}"] = obs[f"{cam}_image"]
+    np.savez_compressed("sim_frames.npz", **frames) Output: tests/fixtures/preprocessing_goldens.npz
 (keys `<case>__<stage>`: input, final and, for some cases, the intermediate jpeg bytes / decoded /
 resized images; images are stored through `delta_filter`; `meta` is a JSON string naming the versions,
 the cases and their stages).

@@ -317,6 +317,19 @@ def test_wrap_official_object_matches_and_shares_weights(source, expected):
     assert w.data_ptr() == vla.language_model.model.layers[0].mlp.up_proj.weight.data_ptr()
 
 
+def test_wrap_takes_the_processors_tvf_normalize_params(source):
+    """An official PrismaticImageProcessor applies tvf_normalize_params; its means/stds are only stored."""
+    import copy
+    from types import SimpleNamespace
+
+    d = json.loads((FIXTURES / "oft_7b_preprocessor_config.json").read_text())
+    processor = SimpleNamespace(image_processor=SimpleNamespace(**d), tokenizer=source.tokenizer)
+    src = copy.deepcopy(source)
+    policy = wrap(_Official(src), src.model.action_head, src.model.proprio_projector, processor=processor)
+    assert policy.image_norm == ImageNorm.from_preprocessor_config(d)
+    assert policy.image_norm.means[0] == (0.484375, 0.455078125, 0.40625)
+
+
 def test_wrap_rejects_other_objects():
     with pytest.raises(TypeError, match="vision_backbone"):
         wrap(torch.nn.Linear(2, 2), None, None)
