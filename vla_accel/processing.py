@@ -86,7 +86,7 @@ def jpeg_encode(img: np.ndarray) -> bytes:
     Huffman tables. Pillow's libjpeg-turbo encoder with these settings writes the same entropy-coded data as
     TensorFlow's (tests/test_processing.py compares the bytes); simplejpeg's TurboJPEG encoder does not."""
     buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="JPEG", quality=JPEG_QUALITY, subsampling=2)  # 2 = 4:2:0
+    Image.fromarray(np.ascontiguousarray(img)).save(buf, format="JPEG", quality=JPEG_QUALITY, subsampling=2)  # 4:2:0
     return buf.getvalue()
 
 
@@ -123,7 +123,7 @@ def _lanczos3(x: np.float32) -> np.float32:
     x = abs(x)
     if x > r:
         return np.float32(0.0)
-    if x <= 1e-3:
+    if float(x) <= 1e-3:  # C++ compares the float against the double 1e-3
         return np.float32(1.0)
     return r * _sin32(pi * x) * _sin32(pi * x / r) / (pi * pi * x * x)
 
