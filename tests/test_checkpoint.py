@@ -200,8 +200,8 @@ def test_layer_scale_under_both_names_is_an_error(tmp_path, source):
 # ------------------------------------------------------------------------- bad input
 @pytest.fixture
 def ckpt(tmp_path, source):
-    return save_checkpoint(source, tmp_path / "ckpt", norm_stats=stats_for("libero_spatial_no_noops", "libero_object_no_noops"),
-                           shards=2)
+    stats = stats_for("libero_spatial_no_noops", "libero_object_no_noops")
+    return save_checkpoint(source, tmp_path / "ckpt", norm_stats=stats, shards=2)
 
 
 def test_missing_action_head_file(ckpt):
@@ -258,7 +258,8 @@ def test_shape_mismatch_is_named(ckpt):
 
 
 def test_unnorm_key_errors_list_available(ckpt):
-    with pytest.raises(ValueError, match=r"unknown unnorm_key 'libero_90'.*libero_object_no_noops.*libero_spatial_no_noops"):
+    listed = r"unknown unnorm_key 'libero_90'.*libero_object_no_noops.*libero_spatial_no_noops"
+    with pytest.raises(ValueError, match=listed):
         load_policy(ckpt, device="cpu", unnorm_key="libero_90")
     with pytest.raises(ValueError, match="pass unnorm_key=one of"):
         load_policy(ckpt, device="cpu")

@@ -200,7 +200,8 @@ def test_ragged_batch_equals_single_samples():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (timm loads only with a working torchvision)")
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA GPU (timm loads only with a working torchvision)")
 @pytest.mark.parametrize("timm_id", ["vit_large_patch14_reg4_dinov2.lvd142m", "vit_so400m_patch14_siglip_224"])
 def test_tower_equals_timm(timm_id):
     timm = pytest.importorskip("timm")

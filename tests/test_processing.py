@@ -18,6 +18,8 @@ FIXTURES = Path(__file__).parent / "fixtures"
 MAX_LEVELS, MEAN_LEVELS = 1, 0.05
 GOLDEN_CASES = ["scene_256", "scene_224", "scene_448x336", "scene_250x180", "scene_128",
                 "sim_libero_spatial_0_full", "sim_libero_10_3_wrist"]
+# the cases whose `resized` stage the golden file holds
+RESIZED_CASES = [c for c in GOLDEN_CASES if c not in ("scene_224", "scene_128", "sim_libero_10_3_wrist")]
 
 STATS = {"q01": [0.0] * 7, "q99": [2.0] * 7, "mask": [True] * 6 + [False]}
 
@@ -25,7 +27,8 @@ STATS = {"q01": [0.0] * 7, "q99": [2.0] * 7, "mask": [True] * 6 + [False]}
 def test_proprio_normalization_worked_numbers():
     stats = {"q01": [0.0, -1.0, 0, 0, 0, 0, 0, 0], "q99": [2.0, 1.0, 1, 1, 1, 1, 1, 1]}
     x = np.array([1.5, 0.25, 5.0, -3.0, 0.5, 0, 1, 0.75])
-    # 2 (x - q01) / (q99 - q01) - 1: 1.5 -> 0.5; 0.25 -> 0.25; 5 -> 9 -> clip 1; -3 -> -7 -> clip -1; 0.5 -> 0; 0 -> -1; 1 -> 1
+    # 2 (x - q01) / (q99 - q01) - 1: 1.5 -> 0.5; 0.25 -> 0.25; 5 -> 9 -> clip 1; -3 -> -7 -> clip -1;
+    # 0.5 -> 0; 0 -> -1; 1 -> 1
     expect = [0.5, 0.25, 1.0, -1.0, 0.0, -1.0, 1.0, 0.5]
     np.testing.assert_allclose(P.normalize_proprio(x, stats), expect, atol=1e-7)
 
@@ -127,7 +130,7 @@ def test_prepare_image_matches_tensorflow(goldens, case):
     assert_within_levels(P.prepare_image(stages["input"]), stages["final"], case)
 
 
-@pytest.mark.parametrize("case", [c for c in GOLDEN_CASES if c not in ("scene_224", "scene_128", "sim_libero_10_3_wrist")])
+@pytest.mark.parametrize("case", RESIZED_CASES)
 def test_resize_stage_matches_tensorflow(goldens, case):
     """resize_image_for_policy (JPEG round trip + Lanczos-3) and, where stored, the resize alone."""
     stages = goldens[1][case]

@@ -155,7 +155,8 @@ def weight_files(root: Path) -> list[Path]:
     single = root / "model.safetensors"
     if single.exists():
         return [single]
-    raise CheckpointError(f"no weights in '{root}': expected model.safetensors or model.safetensors.index.json + shards")
+    raise CheckpointError(f"no weights in '{root}': expected model.safetensors or "
+                          "model.safetensors.index.json + shards")
 
 
 def _load_pt(root: Path, pattern: str, what: str) -> tuple[Path, dict]:
@@ -245,7 +246,8 @@ def wrap(vla, action_head, proprio_projector, *, unnorm_key: str | None = None, 
     and `.norm_stats`; `action_head` / `proprio_projector` are the official modules (DDP-wrapped or not).
     Tensors are shared with the given modules where device and dtype already match.
     """
-    lacking = [a for a in ("config", "vision_backbone", "projector", "language_model", "norm_stats") if not hasattr(vla, a)]
+    needed = ("config", "vision_backbone", "projector", "language_model", "norm_stats")
+    lacking = [a for a in needed if not hasattr(vla, a)]
     if lacking:
         raise TypeError(f"wrap(): the model object lacks {lacking} (expected an OpenVLA-OFT model object)")
     conf = vla.config.to_dict() if hasattr(vla.config, "to_dict") else dict(vla.config)

@@ -104,7 +104,8 @@ class Policy:
                 raise TypeError(f"obs must be a dict with full_image, wrist_image, state; got {type(obs).__name__}")
             missing = [k for k in ("full_image", "wrist_image", "state") if k not in obs]
             if missing:
-                raise KeyError(f"obs lacks {missing}; expected keys full_image, wrist_image (uint8 [H, W, 3]), state (8,)")
+                raise KeyError(f"obs lacks {missing}; expected keys full_image, wrist_image (uint8 [H, W, 3]), "
+                               "state (8,)")
             if not isinstance(text, str) or not text.strip():
                 raise ValueError(f"instruction must be a non-empty string, got {text!r}")
             imgs = [P.prepare_image(P.check_image(obs[k], k), size, self.center_crop, self.jpeg)
