@@ -268,7 +268,7 @@ def vision_ops(runner) -> dict:
         o = torch.randn(N * S, w, device=x.device, dtype=x.dtype)
         r["proj"] = graph_time_us(lambda: ops.linear(o, blk.attn.proj.weight, blk.attn.proj.bias))
         if c.layer_scale:
-            r["addcmul"] = graph_time_us(lambda: torch.addcmul(x, o, blk.ls1.gamma))
+            r["addcmul"] = graph_time_us(lambda: torch.addcmul(x, o, blk.ls1.scale_factor))
         h1 = ops.linear(x, blk.mlp.fc1.weight, blk.mlp.fc1.bias)
         r["fc1"] = graph_time_us(lambda: ops.linear(x, blk.mlp.fc1.weight, blk.mlp.fc1.bias))
         r["fc1_cublas"] = graph_time_us(lambda: F.linear(x, blk.mlp.fc1.weight, blk.mlp.fc1.bias))

@@ -82,12 +82,39 @@ def test_7b_config_matches_published_sizes():
     assert tuple(sd["action_head.model.mlp_resnet_blocks.1.ffn.1.weight"].shape) == (4096, 4096)
     assert tuple(sd["proprio_projector.fc1.weight"].shape) == (4096, 8)
     assert tuple(sd["language_model.model.embed_tokens.weight"].shape) == (32064, 4096)
-    assert "vision_backbone.featurizer.blocks.22.ls2.gamma" in sd
+    assert "vision_backbone.featurizer.blocks.22.ls2.scale_factor" in sd
     assert "vision_backbone.featurizer.blocks.23.attn.qkv.weight" not in sd  # last block unused
     assert "vision_backbone.fused_featurizer.blocks.25.mlp.fc1.weight" in sd
     n_llm = sum(v.numel() for k, v in sd.items() if k.startswith("language_model."))
     per_layer = 4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096  # attention, MLP, two norms
     assert n_llm == 32064 * 4096 + 32 * per_layer + 4096  # Llama-2-7B body (no lm_head): 6.61e9
+
+
+# What inference deliberately does not build (published keys the loader must skip): the towers' last
+# blocks and final norms, SigLIP's attention-pool head, the LM head.
+NOT_BUILT_7B = ("vision_backbone.featurizer.blocks.23.", "vision_backbone.featurizer.norm.",
+                "vision_backbone.fused_featurizer.blocks.26.", "vision_backbone.fused_featurizer.norm.",
+                "vision_backbone.fused_featurizer.attn_pool.", "language_model.lm_head.")
+
+
+def test_7b_state_dict_matches_the_published_keys(published_keys):
+    """Name for name and shape for shape against tests/fixtures/oft_7b_keys.txt (derived from the official
+    code, not from this package), at 7B sizes on the meta device."""
+    from vla_accel.checkpoint import main_weights, unused_keys
+
+    cfg = oft_7b()
+    with torch.device("meta"):
+        model = OpenVLAOFT(cfg)
+    published = published_keys["model.safetensors"]
+    not_built = {k: s for k, s in published.items() if k.startswith(NOT_BUILT_7B)}
+    ours = {k: tuple(v.shape) for k, v in main_weights(model).state_dict().items()}
+    assert ours == {k: s for k, s in published.items() if k not in not_built}
+    assert all(any(k.startswith(p) for k in not_built) for p in NOT_BUILT_7B)  # each group exists (44 tensors)
+    assert len(not_built) == 14 + 2 + 12 + 2 + 13 + 1
+    assert sorted(unused_keys(cfg)) == sorted(NOT_BUILT_7B)  # exactly what the loader skips
+    for part in ("action_head", "proprio_projector"):  # the .pt files, saved from DDP
+        ours = {f"module.{k}": tuple(v.shape) for k, v in getattr(model, part).state_dict().items()}
+        assert ours == published_keys[part]
 
 
 def test_tower_sizes_key_round_trips_through_config_json():
@@ -159,7 +186,8 @@ def test_ragged_batch_equals_single_samples():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (timm loads only with a working torchvision)")
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA GPU (timm loads only with a working torchvision)")
 @pytest.mark.parametrize("timm_id", ["vit_large_patch14_reg4_dinov2.lvd142m", "vit_so400m_patch14_siglip_224"])
 def test_tower_equals_timm(timm_id):
     timm = pytest.importorskip("timm")

@@ -6,7 +6,7 @@ A checkpoint directory holds:
   action_head--{STEP}_checkpoint.pt             DDP state dict: keys `module.model.*`
   proprio_projector--{STEP}_checkpoint.pt       DDP state dict: keys `module.fc1|fc2.*`
   dataset_statistics.json                       {dataset: {"action": {q01, q99, mask, ...}, "proprio": {...}}}
-  preprocessor_config.json (optional)           per-tower image means/stds
+  preprocessor_config.json (optional)           per-tower normalization (`tvf_normalize_params`, else means/stds)
   tokenizer files (optional)                    loaded lazily on first text use
 
 Weights stream tensor by tensor from memory-mapped safetensors into a model materialized directly
@@ -51,11 +51,29 @@ def default_dtype(device) -> torch.dtype:
 
 # ---------------------------------------------------------------------------- key handling
 def unused_keys(cfg: OFTConfig) -> list[str]:
-    """Prefixes of checkpoint keys that inference never reads."""
+    """Prefixes of published checkpoint keys that inference never reads; the loader skips them silently."""
     out = ["language_model.lm_head."]
     for name, t in zip(("featurizer", "fused_featurizer"), cfg.towers):
         out += [f"vision_backbone.{name}.{p}" for p in ViT.unused_checkpoint_keys(t)]
     return out
+
+
+# timm's LayerScale parameter name -> the published one (the official code renames `gamma` to `scale_factor`)
+LEGACY_SUFFIXES = {".ls1.gamma": ".ls1.scale_factor", ".ls2.gamma": ".ls2.scale_factor"}
+
+
+def canonical_key(key: str) -> str:
+    """A checkpoint key in the published naming (`...ls1.gamma` -> `...ls1.scale_factor`); others unchanged."""
+    for old, new in LEGACY_SUFFIXES.items():
+        if key.endswith(old):
+            return key[:-len(old)] + new
+    return key
+
+
+def main_weights(model: OpenVLAOFT) -> torch.nn.Module:
+    """The modules whose tensors `model.safetensors` holds, under their checkpoint prefixes."""
+    return torch.nn.ModuleDict({"vision_backbone": model.vision_backbone, "projector": model.projector,
+                                "language_model": model.language_model})
 
 
 def strip_ddp(state: dict) -> dict:
@@ -66,12 +84,17 @@ def load_tensors(model: torch.nn.Module, items: Iterable[tuple[str, torch.Tensor
                  where: str, assign: bool = False) -> None:
     """Copies (or assigns) named tensors into `model`'s parameters/buffers, one at a time.
 
-    Raises CheckpointError naming the key on a shape mismatch or when a parameter got no tensor.
+    Keys are read in the published naming (`canonical_key`: timm's LayerScale `gamma` is accepted too).
+    Raises CheckpointError naming the key on a shape mismatch, a tensor given twice (under both names) or a
+    parameter that got no tensor.
     """
     targets = dict(model.named_parameters())
     targets.update(dict(model.named_buffers()))
     seen, unexpected = set(), []
-    for key, t in items:
+    for given, t in items:
+        key = canonical_key(given)
+        if key in seen:
+            raise CheckpointError(f"{where}: '{key}' is given twice (as '{given}' and under its other name)")
         if key not in targets:
             if not any(key.startswith(p) for p in ignore) and not key.endswith("rotary_emb.inv_freq"):
                 unexpected.append(key)
@@ -132,7 +155,8 @@ def weight_files(root: Path) -> list[Path]:
     single = root / "model.safetensors"
     if single.exists():
         return [single]
-    raise CheckpointError(f"no weights in '{root}': expected model.safetensors or model.safetensors.index.json + shards")
+    raise CheckpointError(f"no weights in '{root}': expected model.safetensors or "
+                          "model.safetensors.index.json + shards")
 
 
 def _load_pt(root: Path, pattern: str, what: str) -> tuple[Path, dict]:
@@ -204,9 +228,7 @@ def load_policy(source, *, device=None, dtype=None, unnorm_key: str | None = Non
     prop_path, prop_state = _load_pt(root, PROPRIO_GLOB, "proprio projector")
 
     model = build_model(cfg, device, dtype)
-    main = torch.nn.ModuleDict({"vision_backbone": model.vision_backbone, "projector": model.projector,
-                                "language_model": model.language_model})
-    load_tensors(main, _safetensors_items(files), ignore=unused_keys(cfg), where=str(root))
+    load_tensors(main_weights(model), _safetensors_items(files), ignore=unused_keys(cfg), where=str(root))
     load_tensors(model.action_head, head_state.items(), ignore=[], where=str(head_path))
     load_tensors(model.proprio_projector, prop_state.items(), ignore=[], where=str(prop_path))
 
@@ -224,7 +246,8 @@ def wrap(vla, action_head, proprio_projector, *, unnorm_key: str | None = None, 
     and `.norm_stats`; `action_head` / `proprio_projector` are the official modules (DDP-wrapped or not).
     Tensors are shared with the given modules where device and dtype already match.
     """
-    lacking = [a for a in ("config", "vision_backbone", "projector", "language_model", "norm_stats") if not hasattr(vla, a)]
+    needed = ("config", "vision_backbone", "projector", "language_model", "norm_stats")
+    lacking = [a for a in needed if not hasattr(vla, a)]
     if lacking:
         raise TypeError(f"wrap(): the model object lacks {lacking} (expected an OpenVLA-OFT model object)")
     conf = vla.config.to_dict() if hasattr(vla.config, "to_dict") else dict(vla.config)
@@ -240,9 +263,7 @@ def wrap(vla, action_head, proprio_projector, *, unnorm_key: str | None = None, 
 
     with torch.device("meta"):
         model = OpenVLAOFT(cfg)
-    main = torch.nn.ModuleDict({"vision_backbone": model.vision_backbone, "projector": model.projector,
-                                "language_model": model.language_model})
-    load_tensors(main, items(), ignore=unused_keys(cfg), where="wrap(vla)", assign=True)
+    load_tensors(main_weights(model), items(), ignore=unused_keys(cfg), where="wrap(vla)", assign=True)
     load_tensors(model.action_head, strip_ddp(action_head.state_dict()).items(), ignore=[],
                  where="wrap(action_head)", assign=True)
     load_tensors(model.proprio_projector, strip_ddp(proprio_projector.state_dict()).items(), ignore=[],
@@ -250,8 +271,9 @@ def wrap(vla, action_head, proprio_projector, *, unnorm_key: str | None = None, 
     model = model.to(device=device, dtype=dtype)
     image_norm = None
     ip = getattr(processor, "image_processor", None)
-    if ip is not None and hasattr(ip, "means"):
-        image_norm = ImageNorm.from_preprocessor_config({"means": ip.means, "stds": ip.stds})
+    fields = ("tvf_normalize_params", "means", "stds")  # what PrismaticImageProcessor applies / stores
+    if ip is not None and any(hasattr(ip, f) for f in fields):
+        image_norm = ImageNorm.from_preprocessor_config({f: getattr(ip, f) for f in fields if hasattr(ip, f)})
     tokenizer = tokenizer or getattr(processor, "tokenizer", None)
     if tokenizer is not None and not hasattr(tokenizer, "encode"):
         raise TypeError("tokenizer must have an encode(text) -> ids method")
@@ -288,7 +310,7 @@ def init_random_(model: OpenVLAOFT, seed: int = 0) -> OpenVLAOFT:
                 if getattr(m, "bias", None) is not None:
                     m.bias.zero_()
             elif isinstance(m, LayerScale):
-                m.gamma.fill_(1e-5)
+                m.scale_factor.fill_(1e-5)
             else:
                 for name, p in m.named_parameters(recurse=False):
                     if name == "bias":
@@ -333,9 +355,11 @@ def save_checkpoint(policy_or_model, root, *, norm_stats: dict | None = None, sh
     cfg = model.cfg
     (root / "config.json").write_text(json.dumps(cfg.to_hf_config(), indent=2))
     (root / "dataset_statistics.json").write_text(json.dumps(norm_stats, indent=2))
-    if image_norm is not None:
+    if image_norm is not None:  # the published fields; the processor applies tvf_normalize_params
         (root / "preprocessor_config.json").write_text(json.dumps(
-            {"image_processor_type": "PrismaticImageProcessor", "means": image_norm.means, "stds": image_norm.stds}))
+            {"image_processor_type": "PrismaticImageProcessor", "means": image_norm.means, "stds": image_norm.stds,
+             "tvf_normalize_params": [{"mean": m, "std": s, "inplace": False}
+                                      for m, s in zip(image_norm.means, image_norm.stds)]}, indent=2))
 
     def prep(t):
         t = t.detach().to("cpu")

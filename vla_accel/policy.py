@@ -113,22 +113,25 @@ class Policy:
             raise ValueError("empty batch")
         if self.tokenizer is None:
             raise RuntimeError("this policy has no tokenizer; use predict_from_inputs() with token ids")
-        ids, pixels, props = [], [], []
-        for obs, text in zip(obs_list, instructions):
+        n_img, size = self.cfg.num_images, self.cfg.image_size
+        pixels = np.empty((len(obs_list), 6 * n_img, size, size), np.float32)  # filled in place, one copy fewer
+        ids, props = [], []
+        for b, (obs, text) in enumerate(zip(obs_list, instructions)):
             if not isinstance(obs, dict):
                 raise TypeError(f"obs must be a dict with full_image, wrist_image, state; got {type(obs).__name__}")
             missing = [k for k in ("full_image", "wrist_image", "state") if k not in obs]
             if missing:
-                raise KeyError(f"obs lacks {missing}; expected keys full_image, wrist_image (uint8 [H, W, 3]), state (8,)")
+                raise KeyError(f"obs lacks {missing}; expected keys full_image, wrist_image (uint8 [H, W, 3]), "
+                               "state (8,)")
             if not isinstance(text, str) or not text.strip():
                 raise ValueError(f"instruction must be a non-empty string, got {text!r}")
-            imgs = [P.prepare_image(P.check_image(obs[k], k), self.cfg.image_size, self.center_crop, self.jpeg)
+            imgs = [P.prepare_image(P.check_image(obs[k], k), size, self.center_crop, self.jpeg)
                     for k in ("full_image", "wrist_image")]
-            pixels.append(P.to_pixel_values(imgs, self.image_norm))
+            P.to_pixel_values(imgs, self.image_norm, out=pixels[b])
             state = P.check_state(obs["state"], self.cfg.proprio_dim)
             props.append(P.normalize_proprio(state, self.proprio_stats))
             ids.append(tokenize_prompt(self.tokenizer, text))
-        return ids, torch.stack(pixels), torch.tensor(np.stack(props), dtype=torch.float32)
+        return ids, torch.from_numpy(pixels), torch.tensor(np.stack(props), dtype=torch.float32)
 
     def postprocess(self, normalized: np.ndarray) -> np.ndarray:
         """normalized [..., 7] -> env-ready actions (un-normalized, gripper converted)."""

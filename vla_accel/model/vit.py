@@ -3,6 +3,8 @@
 Two families are used by OpenVLA-OFT:
   dinov2: class token + 4 register tokens, LayerScale, pos-embed on patches only (timm no_embed_class)
   siglip: no prefix tokens, no LayerScale
+LayerScale's parameter is `scale_factor`, as in the published checkpoints (the official code renames timm's
+`gamma`, which Hugging Face loaders would rewrite); the loader also accepts timm's `gamma`.
 The feature is the output of the second-to-last block with prefix tokens dropped and no final norm
 (Prismatic's `get_intermediate_layers(n={depth - 2})`). Only blocks 0..depth-2 are built; the last
 block, the final norm and SigLIP's attention-pool head of a checkpoint are not used.
@@ -53,10 +55,10 @@ def add_layer_norm(x, r, scale, weight, bias, eps: float):
 class LayerScale(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
-        self.gamma = nn.Parameter(torch.full((dim,), 1e-5))
+        self.scale_factor = nn.Parameter(torch.full((dim,), 1e-5))  # published key `...ls1.scale_factor`
 
     def forward(self, x):
-        return x * self.gamma
+        return x * self.scale_factor
 
 
 class Block(nn.Module):
@@ -115,5 +117,6 @@ class ViT(nn.Module):
 
     @staticmethod
     def unused_checkpoint_keys(cfg: ViTConfig) -> list[str]:
-        """Key prefixes present in a timm checkpoint that inference never uses."""
-        return [f"blocks.{cfg.depth - 1}.", "norm.", "attn_pool.", "head.", "fc_norm."]
+        """Key prefixes of a published checkpoint's tower that inference never uses: the last block, the
+        final norm and (SigLIP) the attention-pool head; tests/fixtures/oft_7b_keys.txt lists every key."""
+        return [f"blocks.{cfg.depth - 1}.", "norm."] + (["attn_pool."] if cfg.family == "siglip" else [])
