@@ -251,3 +251,25 @@ def test_sessions_keep_separate_pruning_histories(tmp_path, policy):
         assert any(r["server_timing"]["batch_size"] == 2 for r in got["a"])
         for c in clients.values():
             c.close()
+
+
+# ---- the eval's remote actor -------------------------------------------------------------------------------
+def test_remote_actor_equals_the_local_actor(plain, policy):
+    from vla_accel.policy import ChunkedActor
+    from vla_accel.serve.remote import RemoteActor
+
+    remote, local = RemoteActor(plain.ws), ChunkedActor(policy)
+    assert remote.mode == "chunk" and remote.describe()["remote_url"] == plain.ws
+    frames = episode(21, 10)
+    for actor in (remote, local):
+        actor.reset([0])
+    for t, o in enumerate(frames):  # one stream: every forward alone, so bit-exact
+        obs, text = policy_obs(o)
+        a_remote, i_remote = remote.act_batch([obs], [text], [0])
+        a_local, i_local = local.act_batch([obs], [text], [0])
+        np.testing.assert_array_equal(a_remote, a_local)
+        assert i_remote[0]["queried"] == i_local[0]["queried"] == (t % 8 == 0)
+    remote.reset([0])  # a new episode: the next step queries again
+    obs, text = policy_obs(frames[0])
+    assert remote.act_batch([obs], [text], [0])[1][0]["queried"]
+    remote.close()

@@ -1,0 +1,35 @@
+"""benchmarks/serve_bench.py runs end to end on CPU with the tiny preset (the GPU run uses the 7B architecture):
+both sides answer, the served side answers every request, and the result files are written."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+from serve_clients import REPO, free_port
+
+pytestmark = pytest.mark.slow
+
+
+def test_serve_bench_smoke(tmp_path):
+    rng = np.random.default_rng(0)
+    T = 6
+    trace = tmp_path / "trace.npz"  # the layout of vla_accel.envs.trace
+    np.savez_compressed(trace, full_image=rng.integers(0, 256, (T, 64, 64, 3), dtype=np.uint8),
+                        wrist_image=rng.integers(0, 256, (T, 64, 64, 3), dtype=np.uint8),
+                        state=rng.normal(size=(T, 8)).astype(np.float32), action=rng.normal(size=(T, 7)),
+                        instruction=np.array("put the bowl on the plate"), meta=np.array("{}"))
+    spec = importlib.util.spec_from_file_location("serve_bench", REPO / "benchmarks" / "serve_bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    res = bench.main(["--trace", str(trace), "--preset", "tiny", "--device", "cpu", "--steps", "2", "--clients", "2",
+                      "--port", str(free_port()), "--out", str(tmp_path / "out")])
+    assert res["errors"] == {}
+    assert res["served"]["answers"] == res["served"]["expected_answers"] == 4 and res["served"]["errors"] == []
+    assert res["inprocess"]["chunks_per_s"] > 0 and res["served"]["chunks_per_s"] > 0
+    assert "met" in res["target"]
+    saved = json.loads((tmp_path / "out" / "serve_bench.json").read_text())
+    assert saved["served"]["latency_ms"]["n"] == 4
+    assert "| served: 2 clients" in (tmp_path / "out" / "serve_bench.md").read_text()
