@@ -1,19 +1,20 @@
 """vla-accel-serve under load: N websocket clients replaying a LIBERO trace against the server, versus the same
 actor called in-process with all N streams in one batch (the runtime benchmark's figure (e)), in one run.
 
-    python benchmarks/serve_bench.py --trace .devcarry/libero_spatial_t0.npz --out $OUT/serve      # GPU: 7B, accel + SpecPrune
+    python benchmarks/serve_bench.py --trace .devcarry/libero_spatial_t0.npz --out $OUT/serve   # GPU, 7B
     python benchmarks/serve_bench.py --trace T.npz --preset tiny --device cpu --steps 4 --clients 2 --out /tmp/sb
 
 Both sides: the real 7B architecture with RANDOM bf16 weights, runtime=accel, prune=specprune
 (configs/prune/specprune.yaml), mode=chunk (each request gets the whole chunk; SpecPrune's history per stream).
 - in-process: one `actor.chunk_batch` per trace step over `--clients` streams (stream s lags by s * offset
   steps), inputs pre-processed beforehand (not timed), as figure (e); chunks/s = clients / median call time.
-- served: the server in this process (uvicorn, one model thread, batch window `--window-ms`, max batch =
-  clients), the clients in `--clients` separate processes (openpi msgpack-numpy over websockets on loopback), each
-  sending its trace frames back to back; chunks/s = answers / wall time of the timed pass, latency p50 / p99 per
-  request at the client. Both sides run a warm-up pass over the same frames first (CUDA graph captures; the
-  runtime gets graphs for every batch size 1..clients, since the server also forms partial batches).
-Target (issue 16): served chunks/s >= 85% of in-process. Writes serve_bench.json and serve_bench.md into --out.
+- served: the server in this process (uvicorn, one model thread, max batch = clients), one pass per batch
+  window in `--windows-ms`, the clients in `--clients` separate processes (openpi msgpack-numpy over websockets
+  on loopback), each sending its trace frames back to back; chunks/s = answers / wall time of the timed pass,
+  latency p50 / p99 per request at the client. Both sides run a warm-up pass over the same frames first (CUDA
+  graph captures; the runtime gets graphs for every batch size 1..clients: the server also forms partial batches).
+- in-process with pre-processing in the call: for context (the server pre-processes in `--prep-threads` threads).
+Target (issue 16): served chunks/s (best window) >= 85% of figure (e). Writes serve_bench.json / .md into --out.
 Needs uvicorn, starlette, websockets (not on the GPU image: carry them as wheels, docs/serving.md).
 """
 
@@ -124,23 +125,25 @@ def captures(policy) -> int | None:
     return getattr(graphs, "captures", None)
 
 
-def inprocess(actor, policy, trace: dict, clients: int, offset: int, steps: int) -> dict:
+def inprocess(actor, policy, trace: dict, clients: int, offset: int, steps: int, prepared: bool = True) -> dict:
     """Figure (e) through chunk_batch: one batched SpecPrune query per step over `clients` streams; a warm-up
-    pass over the same frames first (graph captures), as the runtime benchmark does."""
+    pass over the same frames first (graph captures), as the runtime benchmark does. prepared=True: the inputs
+    are pre-processed beforehand and not timed (as (e)); False: the call pre-processes them (one thread)."""
     import torch
 
     T = len(trace["state"])
     frames = [trace_obs(trace, t) for t in range(T)]
     text = trace["instruction"]
-    memo = {t: policy.prepare([frames[t]], [text]) for t in range(T)}  # pre-processing, not timed (as (e))
-    index = {id(f): t for t, f in enumerate(frames)}
     own = policy.prepare
+    if prepared:
+        memo = {t: own([frames[t]], [text]) for t in range(T)}
+        index = {id(f): t for t, f in enumerate(frames)}
 
-    def cached(obs_list, instructions):
-        parts = [memo[index[id(o)]] if id(o) in index else own([o], [i]) for o, i in zip(obs_list, instructions)]
-        return [p[0][0] for p in parts], torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
+        def cached(obs_list, instructions):
+            parts = [memo[index[id(o)]] if id(o) in index else own([o], [i]) for o, i in zip(obs_list, instructions)]
+            return [p[0][0] for p in parts], torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
 
-    policy.prepare = cached
+        policy.prepare = cached
     streams = list(range(clients))
     lat, caps = [], None
     try:
@@ -154,18 +157,19 @@ def inprocess(actor, policy, trace: dict, clients: int, offset: int, steps: int)
                 if timed:
                     lat.append((time.perf_counter() - t0) * 1e3)
     finally:
-        del policy.prepare  # the policy's own method again
+        if prepared:
+            del policy.prepare  # the policy's own method again
     s = stats(lat)
     after = captures(policy)
     return {"latency_ms": s, "chunks_per_s": clients * 1e3 / s["median"],
             "captures_during_timed_pass": None if after is None else after - caps}
 
 
-def served(actor, args, trace_path: str) -> dict:
+def served(actor, args, trace_path: str, window_ms: float, port: int) -> dict:
     from vla_accel.serve import ServeConfig, serve
 
-    cfg = ServeConfig(host="127.0.0.1", port=args.port, mode="chunk", max_batch=args.clients,
-                      batch_window_ms=args.window_ms, prep_threads=args.prep_threads, max_sessions=args.clients + 4)
+    cfg = ServeConfig(host="127.0.0.1", port=port, mode="chunk", max_batch=args.clients,
+                      batch_window_ms=window_ms, prep_threads=args.prep_threads, max_sessions=args.clients + 4)
     holder, ready = {}, threading.Event()
 
     def on_ready(server):
@@ -178,7 +182,7 @@ def served(actor, args, trace_path: str) -> dict:
         raise RuntimeError("the server did not start within 120 s")
     ctx = mp.get_context("spawn")
     start, results = ctx.Barrier(args.clients), ctx.Queue()
-    procs = [ctx.Process(target=client_main, args=(f"ws://127.0.0.1:{args.port}", trace_path, c, args.offset,
+    procs = [ctx.Process(target=client_main, args=(f"ws://127.0.0.1:{port}", trace_path, c, args.offset,
                                                    args.steps, start, results)) for c in range(args.clients)]
     for p in procs:
         p.start()
@@ -190,9 +194,9 @@ def served(actor, args, trace_path: str) -> dict:
     try:
         import urllib.request
 
-        with urllib.request.urlopen(f"http://127.0.0.1:{args.port}/metrics", timeout=10) as r:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
             metrics_text = r.read().decode()
-        with urllib.request.urlopen(f"http://127.0.0.1:{args.port}/info", timeout=10) as r:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/info", timeout=10) as r:
             engine_batches = json.loads(r.read())["batches"]
     finally:
         holder["server"].should_exit = True
@@ -204,7 +208,8 @@ def served(actor, args, trace_path: str) -> dict:
     t_last = max(o["t_last"] for o in outs if o["t_last"]) if lat else None
     wall = (t_last - t_first) if lat else float("nan")
     return {
-        "answers": len(lat), "expected_answers": args.clients * args.steps, "errors": errors[:10],
+        "window_ms": window_ms, "answers": len(lat), "expected_answers": args.clients * args.steps,
+        "errors": errors[:10],
         "wall_s": wall, "chunks_per_s": len(lat) / wall if lat else 0.0, "latency_ms": stats(lat),
         "server_timing_ms": {k: stats([x[k] for x in timing]) for k in ("prep_ms", "queue_ms", "compute_ms",
                                                                        "infer_ms")},
@@ -225,8 +230,9 @@ def parse_args(argv):
     p.add_argument("--offset", type=int, default=7, help="trace steps between consecutive clients' streams")
     p.add_argument("--steps", type=int, default=40, help="trace steps per client (and in-process), each run twice: "
                                                           "warm-up pass, then the timed pass")
-    p.add_argument("--window-ms", type=float, default=20.0,
-                   help="serve.batch_window_ms (a full batch goes at once; the window only bounds the wait)")
+    p.add_argument("--windows-ms", default="0,20",
+                   help="serve.batch_window_ms values, one served pass each (a full batch goes at once; 0: a batch "
+                        "of whatever is ready as soon as the model thread is free)")
     p.add_argument("--prep-threads", type=int, default=8, help="serve.prep_threads")
     p.add_argument("--port", type=int, default=18777)
     p.add_argument("--prune-config", default=None, help="default: configs/prune/specprune.yaml")
@@ -260,30 +266,35 @@ def main(argv=None) -> dict:
     print(f"built {args.preset} on {device} in {build_s:.1f} s; tokenizer {getattr(policy.tokenizer, 'name', '?')}",
           flush=True)
 
-    res: dict = {"errors": {}}
-    try:
-        res["inprocess"] = inprocess(build_actor(policy, prune_cfg), policy, trace, args.clients, args.offset,
-                                     args.steps)
-        print(f"in-process: {res['inprocess']['chunks_per_s']:.1f} chunks/s "
-              f"(median {res['inprocess']['latency_ms']['median']:.2f} ms per batch of {args.clients})", flush=True)
-    except Exception as err:  # noqa: BLE001 - the served run still runs
-        res["errors"]["inprocess"] = f"{type(err).__name__}: {err}"
-        print(f"in-process FAILED: {err}", flush=True)
-    try:
-        caps = captures(policy)
-        res["served"] = served(build_actor(policy, prune_cfg), args, args.trace)
-        res["served"]["captures_incl_warmup"] = None if caps is None else captures(policy) - caps
-        sv = res["served"]
-        print(f"served: {sv['chunks_per_s']:.1f} chunks/s, p50 {sv['latency_ms'].get('p50', float('nan')):.1f} ms, "
-              f"p99 {sv['latency_ms'].get('p99', float('nan')):.1f} ms, {sv['answers']}/{sv['expected_answers']} "
-              f"answers, errors {sv['errors'][:2]}", flush=True)
-    except Exception as err:  # noqa: BLE001
-        res["errors"]["served"] = f"{type(err).__name__}: {err}"
-        print(f"served FAILED: {err}", flush=True)
-    if "inprocess" in res and "served" in res:
-        ratio = res["served"]["chunks_per_s"] / res["inprocess"]["chunks_per_s"]
-        res["target"] = {"served_over_inprocess": ratio, "required": TARGET, "met": ratio >= TARGET and
-                         res["served"]["answers"] == res["served"]["expected_answers"]}
+    res: dict = {"errors": {}, "served": []}
+    for key, prepared in (("inprocess", True), ("inprocess_with_prep", False)):
+        try:
+            r = res[key] = inprocess(build_actor(policy, prune_cfg), policy, trace, args.clients, args.offset,
+                                     args.steps, prepared)
+            print(f"{key}: {r['chunks_per_s']:.1f} chunks/s (median {r['latency_ms']['median']:.2f} ms per batch of "
+                  f"{args.clients})", flush=True)
+        except Exception as err:  # noqa: BLE001 - the other runs still run
+            res["errors"][key] = f"{type(err).__name__}: {err}"
+            print(f"{key} FAILED: {err}", flush=True)
+    for i, window in enumerate(float(w) for w in args.windows_ms.split(",") if w.strip()):
+        try:
+            caps = captures(policy)
+            sv = served(build_actor(policy, prune_cfg), args, args.trace, window, args.port + i)
+            sv["captures_incl_warmup"] = None if caps is None else captures(policy) - caps
+            res["served"].append(sv)
+            lat = sv["latency_ms"]
+            print(f"served, window {window:g} ms: {sv['chunks_per_s']:.1f} chunks/s, p50 {lat.get('p50', -1):.1f} ms, "
+                  f"p99 {lat.get('p99', -1):.1f} ms, {sv['answers']}/{sv['expected_answers']} answers, errors "
+                  f"{sv['errors'][:2]}", flush=True)
+        except Exception as err:  # noqa: BLE001
+            res["errors"][f"served_{window:g}ms"] = f"{type(err).__name__}: {err}"
+            print(f"served (window {window:g} ms) FAILED: {err}", flush=True)
+    complete = [sv for sv in res["served"] if sv["answers"] == sv["expected_answers"]]
+    if "inprocess" in res and complete:
+        best = max(complete, key=lambda sv: sv["chunks_per_s"])
+        ratio = best["chunks_per_s"] / res["inprocess"]["chunks_per_s"]
+        res["target"] = {"served_over_inprocess": ratio, "required": TARGET, "met": ratio >= TARGET,
+                         "window_ms": best["window_ms"], "p99_ms": best["latency_ms"]["p99"]}
     res["env"] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "commit": args.commit,
@@ -309,29 +320,32 @@ def markdown(res: dict) -> str:
     lines = [f"# vla-accel-serve: {a['clients']} websocket clients vs in-process batch ({env['preset']}, random "
              f"{env['dtype']} weights, accel + SpecPrune, mode=chunk)", "",
              f"device: {env['device']} | date: {env['date']} | commit: {env['commit']} | torch {env['torch']} | "
-             f"trace: {env['steps']} steps of {env['trace']} | window {a['window_ms']} ms | "
-             f"{a['steps']} timed requests per client after a warm-up pass over the same frames", "",
-             "| configuration | chunks/s | latency p50 ms | p90 ms | p99 ms |", "|---|---|---|---|---|"]
-    if "inprocess" in res:
-        r = res["inprocess"]
-        lines.append(f"| in-process chunk_batch x {a['clients']} streams (figure (e), pre-processing not timed) | "
-                     f"{r['chunks_per_s']:.1f} | {r['latency_ms']['p50']:.2f} | {r['latency_ms']['p90']:.2f} | "
-                     f"{r['latency_ms']['p99']:.2f} |")
-    if "served" in res:
-        r = res["served"]
-        lat = r["latency_ms"]
+             f"trace: {env['steps']} steps of {env['trace']} | {a['steps']} timed requests per client after a "
+             "warm-up pass over the same frames", "",
+             "| configuration | chunks/s | latency p50 ms | p90 ms | p99 ms | server: prep / queue / compute ms "
+             "(medians) | batch size mean |", "|---|---|---|---|---|---|---|"]
+    for key, label in (("inprocess", "figure (e): pre-processing not timed"),
+                       ("inprocess_with_prep", "pre-processing in the call, one thread")):
+        if key in res:
+            r, lat = res[key], res[key]["latency_ms"]
+            lines.append(f"| in-process chunk_batch x {a['clients']} streams, {label} | {r['chunks_per_s']:.1f} | "
+                         f"{lat['p50']:.2f} | {lat['p90']:.2f} | {lat['p99']:.2f} | - | {a['clients']} |")
+    for r in res["served"]:
+        lat, st = r["latency_ms"], r["server_timing_ms"]
         if lat.get("n"):
-            lines.append(f"| served: {a['clients']} clients, websocket + msgpack, loopback (per request at the client) | "
-                         f"{r['chunks_per_s']:.1f} | {lat['p50']:.2f} | {lat['p90']:.2f} | {lat['p99']:.2f} |")
-        st = r["server_timing_ms"]
-        if st["infer_ms"].get("n"):
-            lines += ["", "Server timing medians (ms): " + ", ".join(f"{k} {v['median']:.2f}" for k, v in st.items()) +
-                      f"; batch size median {r['batch_size']['median']:.1f} (mean {r['batch_size']['mean']:.2f})",
-                      f"answers {r['answers']}/{r['expected_answers']}, errors: {r['errors'] or 'none'}"]
+            lines.append(f"| served: {a['clients']} clients (websocket + msgpack, loopback), window "
+                         f"{r['window_ms']:g} ms; latency per request at the client | {r['chunks_per_s']:.1f} | "
+                         f"{lat['p50']:.2f} | {lat['p90']:.2f} | {lat['p99']:.2f} | {st['prep_ms']['median']:.2f} / "
+                         f"{st['queue_ms']['median']:.2f} / {st['compute_ms']['median']:.2f} | "
+                         f"{r['batch_size']['mean']:.2f} |")
+        if r["answers"] != r["expected_answers"] or r["errors"]:
+            lines.append(f"| ... window {r['window_ms']:g} ms: {r['answers']}/{r['expected_answers']} answers, errors "
+                         f"{r['errors'][:2]} | | | | | | |")
     if "target" in res:
         t = res["target"]
-        lines += ["", f"Target: served >= {t['required']:.0%} of in-process chunks/s: {t['served_over_inprocess']:.1%} "
-                      f"-> {'met' if t['met'] else 'NOT met'}"]
+        lines += ["", f"Target: served >= {t['required']:.0%} of in-process (e) chunks/s: "
+                      f"{t['served_over_inprocess']:.1%} (window {t['window_ms']:g} ms, p99 {t['p99_ms']:.1f} ms) -> "
+                      f"{'met' if t['met'] else 'NOT met'}"]
     if res["errors"]:
         lines += ["", f"Errors: {res['errors']}"]
     return "\n".join(lines)

@@ -24,14 +24,16 @@ def test_serve_bench_smoke(tmp_path):
                         instruction=np.array("put the bowl on the plate"), meta=np.array("{}"))
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "serve_bench.py"), "--trace", str(trace),
-                           "--preset", "tiny", "--device", "cpu", "--steps", "2", "--clients", "2",
+                           "--preset", "tiny", "--device", "cpu", "--steps", "2", "--clients", "2", "--windows-ms", "0,5",
                            "--port", str(free_port()), "--out", str(out)],
                           capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((out / "serve_bench.json").read_text())
     assert res["errors"] == {}
-    assert res["served"]["answers"] == res["served"]["expected_answers"] == 4 and res["served"]["errors"] == []
-    assert res["inprocess"]["chunks_per_s"] > 0 and res["served"]["chunks_per_s"] > 0
+    assert [sv["window_ms"] for sv in res["served"]] == [0.0, 5.0]
+    for sv in res["served"]:
+        assert sv["answers"] == sv["expected_answers"] == 4 and sv["errors"] == [] and sv["latency_ms"]["n"] == 4
+        assert sv["chunks_per_s"] > 0
+    assert res["inprocess"]["chunks_per_s"] > 0 and res["inprocess_with_prep"]["chunks_per_s"] > 0
     assert "met" in res["target"]
-    assert res["served"]["latency_ms"]["n"] == 4
     assert "| served: 2 clients" in (out / "serve_bench.md").read_text()

@@ -48,6 +48,7 @@ class Session:
     last_used: float = field(default_factory=time.monotonic)
     closed: bool = False
     requests: int = 0
+    active: int = 0  # requests of this session between submit and answer
 
 
 @dataclass
@@ -219,11 +220,8 @@ class Engine:
             await asyncio.sleep(min(self.cfg.session_idle_s / 4, 5.0))
             now = time.monotonic()
             for s in list(self.sessions.values()):
-                if s.protocol == "rest" and now - s.last_used > self.cfg.session_idle_s and not self._busy(s):
+                if s.protocol == "rest" and now - s.last_used > self.cfg.session_idle_s and not s.active:
                     await self.close_session(s)
-
-    def _busy(self, s: Session) -> bool:
-        return any(r.session is s for r in self._pending)
 
     # ---- requests ----------------------------------------------------------------------------
     @contextlib.asynccontextmanager
@@ -246,6 +244,7 @@ class Engine:
         loop = asyncio.get_running_loop()
         session.last_used = time.monotonic()
         session.requests += 1
+        session.active += 1
         req = Request(session, obs, text, loop.create_future(), time.perf_counter())
         try:
             req.prepared = await loop.run_in_executor(self._prep, self.served.prepare, obs, text)
@@ -254,6 +253,7 @@ class Engine:
             self._wakeup.set()
             return await req.future
         finally:
+            session.active -= 1
             session.last_used = time.monotonic()
 
     def _take(self) -> list[Request]:
@@ -261,6 +261,9 @@ class Engine:
         while self._pending and len(batch) < self.cfg.max_batch:
             r = self._pending.popleft()
             if r.future.done():  # its client went away while it waited
+                continue
+            if r.session.closed:  # closed (POST /close) while this request waited: its slot is no longer its own
+                r.future.set_exception(SessionError(f"session {r.session.id!r} was closed before this request ran"))
                 continue
             if r.session.id in seen:
                 keep.append(r)
@@ -302,7 +305,7 @@ class Engine:
             t1 = time.perf_counter()
             self.batches += 1
             if self.metrics is not None:
-                self.metrics.batch(len(batch), t1 - t0, error is not None)
+                self.metrics.batch(len(batch), error is not None)
             for i, r in enumerate(batch):
                 if r.future.done():
                     continue

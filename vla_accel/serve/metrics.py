@@ -31,7 +31,7 @@ class Metrics:
         self.batches = Counter("vla_serve_batches", "Batched forwards by outcome", ["outcome"], registry=r)
         self.sessions = Gauge("vla_serve_sessions", "Open sessions", registry=r)
 
-    def batch(self, size: int, seconds: float, failed: bool) -> None:
+    def batch(self, size: int, failed: bool) -> None:
         self.batch_size.observe(size)
         self.batches.labels("error" if failed else "ok").inc()
 
