@@ -219,3 +219,14 @@ def test_graceful_shutdown_finishes_the_request_in_flight():
         except requests.ConnectionError:
             status = None
         assert status in (None, 503)
+
+
+@pytest.mark.parametrize("override,expected", [("serve.mode=chunks", "serve.mode must be one of chunk, action"),
+                                               ("policy=remote", "policy.url")])
+def test_cli_refuses_bad_settings_before_serving(override, expected):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "vla_accel.serve.cli", override, "serve.port=1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "vla-accel-serve: error: " in proc.stderr and expected in proc.stderr, proc.stderr
