@@ -257,7 +257,7 @@ def parse_args(argv):
     p.add_argument("--port", type=int, default=18777)
     p.add_argument("--prune-config", default=None, help="default: configs/prune/specprune.yaml")
     p.add_argument("--runtime", default="{}", help="JSON overrides of the accel runtime settings")
-    p.add_argument("--client-timeout-s", type=float, default=150.0)
+    p.add_argument("--client-timeout-s", type=float, default=300.0)
     p.add_argument("--commit", default="")
     return p.parse_args(argv)
 
