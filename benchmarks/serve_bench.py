@@ -112,12 +112,16 @@ def load_prune_cfg(path: str | None) -> dict:
 
 
 def word_tokenizer():
-    """The runtime benchmark's stand-in for the Llama-2 tokenizer (random weights: the token COUNT matters)."""
-    try:
-        from vla_accel.runtime.bench import WordTokenizer
-    except ImportError:
-        return None
-    return WordTokenizer()
+    """The end-to-end benchmark's stand-in for the Llama-2 tokenizer (random weights: the token COUNT matters); it
+    lives in vla_accel.runtime.bench, or in benchmarks/e2e.py once the benchmarks leave the package."""
+    for module in ("vla_accel.runtime.bench", "benchmarks.e2e", "e2e"):
+        try:
+            return __import__(module, fromlist=["WordTokenizer"]).WordTokenizer()
+        except (ImportError, AttributeError):
+            continue
+    print("WARNING: no WordTokenizer found; prompts use the random policy's byte tokenizer (longer prompts, "
+          "the same on both sides)", flush=True)
+    return None
 
 
 def captures(policy) -> int | None:
