@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Installs vla_accel with everything it needs on a fresh Debian/Ubuntu machine (CPU or GPU).
-#   bash scripts/setup.sh          # the package + LIBERO simulation + launchers
+#   bash scripts/setup.sh          # the package + LIBERO simulation + launchers + the policy server
 #   bash scripts/setup.sh --dev    # ... + Triton and the test tools
 # torch is pinned through constraints-ci.txt (2.13.0, the CPU wheel on CI machines); change that
 # file, or install torch first, to use another build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras="libero,launchers"
-[ "${1:-}" = "--dev" ] && extras="libero,launchers,kernels,dev"
+extras="libero,launchers,serve"
+[ "${1:-}" = "--dev" ] && extras="libero,launchers,serve,kernels,dev"
 
 # Headless MuJoCo rendering (MUJOCO_GL=egl) needs Mesa's EGL.
 if command -v apt-get >/dev/null 2>&1 && ! ldconfig -p 2>/dev/null | grep -q libEGL_mesa; then

@@ -213,11 +213,23 @@ class ChunkedActor:
         need = [i for i, s in enumerate(streams) if not self.queues.setdefault(s, deque())]
         infos = [{"queried": False, "latency_ms": None, "batch_size": None, "tokens_kept": None} for _ in streams]
         if need:
-            chunks = self.policy.predict_batch([obs_list[i] for i in need], [instructions[i] for i in need])
-            st = self.policy.last_stats
+            chunks, q_infos = self._query([obs_list[i] for i in need], [instructions[i] for i in need])
             for j, i in enumerate(need):
                 self.queues[streams[i]].extend(chunks[j])
-                infos[i] = {"queried": True, "latency_ms": st["latency_ms"], "batch_size": len(need),
-                            "tokens_kept": st["tokens"][j]}
+                infos[i] = q_infos[j]
         actions = np.stack([self.queues[s].popleft() for s in streams])
         return actions, infos
+
+    def chunk_batch(self, obs_list: Sequence[Obs], instructions: Sequence[str], streams: Sequence[int]):
+        """One forward for every stream -> (chunks [N, 8, 7], infos); the clients run the chunks (queues emptied)."""
+        if len(streams) != len(obs_list):
+            raise ValueError(f"{len(obs_list)} observations but {len(streams)} streams")
+        for s in streams:
+            self.queues[s] = deque()
+        return self._query(obs_list, instructions)
+
+    def _query(self, obs_list: Sequence[Obs], instructions: Sequence[str]):
+        chunks = self.policy.predict_batch(obs_list, instructions)
+        st = self.policy.last_stats
+        return chunks, [{"queried": True, "latency_ms": st["latency_ms"], "batch_size": len(chunks),
+                         "tokens_kept": st["tokens"][j]} for j in range(len(chunks))]

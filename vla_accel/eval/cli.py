@@ -158,7 +158,7 @@ def run_eval(cfg: DictConfig) -> dict:
     unnorm_key = ev.suites[0] if len(ev.suites) == 1 else None
     actor = build_actor(rc, unnorm_key=unnorm_key)
     desc = dict(actor.describe())
-    device = device_name(str(desc.get("device", "cpu")))
+    device = desc.get("device_name") or device_name(str(desc.get("device", "cpu")))  # device_name: remote policy
     random_weights = bool(desc.get("random_weights"))
     R.write_json(run_dir / R.RUN_FILE, info)      # only now: a failed policy load leaves the dir reusable
     num_envs = min(ev.num_envs, max(1, len(todo)))

@@ -60,8 +60,13 @@ class PolicyConfig:
     device: str = "auto"                 # auto | cpu | cuda | cuda:N   (auto: cuda if available, else cpu)
     dtype: str = "auto"                  # auto | float32 | bfloat16 | float16   (auto: bfloat16 on cuda, float32 on cpu)
     seed: int = 0                        # seed of the random weights (random=true only)
+    url: str | None = None               # policy=remote: the vla-accel-serve websocket address, ws://host:port
 
     def __post_init__(self) -> None:
+        if self.name == "remote":
+            if not self.url:
+                raise ConfigError("policy.url is required with policy=remote, e.g. policy.url=ws://gpu-host:8777")
+            return
         if not _DEVICE_RE.match(str(self.device)):
             raise ConfigError(f"policy.device must be one of auto, cpu, cuda, cuda:N; got {self.device!r}")
         if self.dtype not in DTYPES:

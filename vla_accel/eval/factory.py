@@ -70,6 +70,10 @@ def build_actor(cfg: Any, *, unnorm_key: str | None = None):
     """Policy -> (runtime executor) -> actor, from a RunConfig or the composed Hydra config."""
     if not isinstance(cfg, RunConfig):
         cfg = run_config_from_hydra(cfg)
+    if cfg.policy.name == "remote":  # the policy runs in a vla-accel-serve process (docs/serving.md)
+        from vla_accel.serve.remote import remote_actor
+
+        return remote_actor(cfg)
     import vla_accel
     from vla_accel.policy import ChunkedActor
 

@@ -3,6 +3,7 @@
     actor = SpecPrune(policy, cfg)                     # cfg: SpecPruneConfig, dict or omegaconf node
     actor.reset([0, 1])                                # new episodes on streams 0 and 1
     actions, infos = actor.act_batch(obs_list, instructions, streams=[0, 1])   # actions [N, 7]
+    chunks, infos = actor.chunk_batch(obs_list, instructions, streams=[0, 1])  # chunks [N, 8, 7], run open loop
     chunk = actor.predict(obs, instruction)            # [8, 7], stream 0; actor.reset() between episodes
 
 Per stream it holds the frame history (for changed patches), the previous inference's top tokens (global
@@ -121,18 +122,28 @@ class SpecPrune:
             infos[i]["flushed"] = flush
         return actions, infos
 
-    def predict(self, obs: dict, instruction: str) -> np.ndarray:
-        """Single stream (0): one pruned forward -> the [8, 7] chunk, all of it assumed executed in order.
+    def chunk_batch(self, obs_list: Sequence[dict], instructions: Sequence[str], streams: Sequence[int]):
+        """One pruned forward for every stream -> (chunks [N, 8, 7], infos); each chunk is assumed executed whole
+        and in order (its client runs it open loop): the controller and the frame gap see its actions.
 
         Only the frames given here enter the history, so the changed-patch rule compares with earlier
         QUERY frames; use act_batch (called every step) for the reference's step-level frame gap."""
-        st = self.state(0)
-        st.frames.append(Frame(obs))
-        st.queue.clear()
-        chunks, infos = self._query([obs], [instruction], [st])
-        for k, a in enumerate(chunks[0]):
-            st.moved += a[:3]
-            st.controller.observe(a, queue_empty=k == len(chunks[0]) - 1)
+        if not (len(obs_list) == len(instructions) == len(streams)):
+            raise ValueError(f"{len(obs_list)} observations, {len(instructions)} instructions, {len(streams)} streams")
+        states = [self.state(s) for s in streams]
+        for st, obs in zip(states, obs_list):
+            st.frames.append(Frame(obs))
+            st.queue.clear()
+        chunks, infos = self._query(list(obs_list), list(instructions), states)
+        for st, chunk in zip(states, chunks):
+            for k, a in enumerate(chunk):
+                st.moved += a[:3]
+                st.controller.observe(a, queue_empty=k == len(chunk) - 1)
+        return chunks, infos
+
+    def predict(self, obs: dict, instruction: str) -> np.ndarray:
+        """Single stream (0): chunk_batch for one observation -> the [8, 7] chunk."""
+        chunks, infos = self.chunk_batch([obs], [instruction], [0])
         self.last_info = infos[0]
         return chunks[0]
 
