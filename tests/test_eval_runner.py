@@ -150,7 +150,7 @@ def test_a_worker_that_dies_is_replaced_and_its_episode_retried_once():
     records, stats, _ = run(selection, num_envs=2, crash=(2, 1))
     got = by_key(records)
     assert sorted(got) == selection
-    assert "crashed twice" in got[EpisodeKey("libero_spatial", 0, 2)]["error"]
+    assert "failed 2 times during this episode" in got[EpisodeKey("libero_spatial", 0, 2)]["error"]
     assert all(r["error"] is None for k, r in got.items() if k.episode != 2)
     assert stats.worker_restarts == 2
 
