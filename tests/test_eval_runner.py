@@ -199,6 +199,9 @@ class FakeCatalog:
     def task_name(self, suite, task_id):
         return f"fake task {task_id}"
 
+    def instruction(self, suite, task_id):
+        return f"do task {task_id}"
+
 
 @pytest.fixture
 def fake_cli(monkeypatch):
@@ -254,9 +257,7 @@ def test_ctrl_c_leaves_finished_episodes_on_disk_and_resume_completes(tmp_path, 
     sel = ["eval.task_ids=[0]", "eval.episodes=null", "eval.num_episodes=4", "eval.num_envs=1"]
     # episode 0 takes 2 chunks (success at step 6), episode 1 takes 3: the 5th forward is in episode 1
     fake_cli["actor"] = FakeActor(interrupt_after_calls=4)
-    with pytest.raises(SystemExit) as exc:
-        run_cli(tmp_path, *sel)
-    assert exc.value.code == 130
+    assert run_cli(tmp_path, *sel)["exit_status"] == 130
     done = R.read_records(tmp_path / R.RESULTS_FILE)
     assert [r["episode"] for r in done] == [0]
     import json
@@ -268,12 +269,17 @@ def test_ctrl_c_leaves_finished_episodes_on_disk_and_resume_completes(tmp_path, 
     assert sorted(r["episode"] for r in R.read_records(tmp_path / R.RESULTS_FILE)) == [0, 1, 2, 3]
 
 
-def test_cli_refuses_a_run_dir_of_another_evaluation(tmp_path, fake_cli):
+def test_run_dir_identity_ignores_where_it_ran_and_names_what_changed(tmp_path, fake_cli):
     from vla_accel.eval.config import ConfigError
 
-    run_cli(tmp_path, "eval.seed=0")
-    with pytest.raises(ConfigError, match="different evaluation .*seed"):
-        run_cli(tmp_path, "eval.seed=1")
+    run_cli(tmp_path, "eval.seed=0", "policy.device=auto", "policy.dtype=float32", "eval.num_envs=2")
+    # another device string and another number of simulators: the same evaluation; resume finds it done
+    fake_cli["actor"] = FakeActor(interrupt_after_calls=0)
+    again = run_cli(tmp_path, "eval.seed=0", "policy.device=cpu", "policy.dtype=float32", "eval.num_envs=1")
+    assert again["exit_status"] == 0 and again["complete"]
+    with pytest.raises(ConfigError, match=r'(?s)different evaluation.*policy.dtype: "float32" -> "bfloat16"'
+                                          r'.*seed: 0 -> 1'):
+        run_cli(tmp_path, "eval.seed=1", "policy.dtype=bfloat16")
 
 
 def test_cli_bad_selection_lists_valid_values(tmp_path, fake_cli):

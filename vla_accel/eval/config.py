@@ -163,11 +163,18 @@ class RunConfig:
     prune: dict[str, Any]                # open mapping owned by vla_accel.prune; `name: none` = no pruning
     runtime: dict[str, Any]              # open mapping owned by vla_accel.runtime; `name: reference` = plain PyTorch
 
-    def fingerprint_fields(self, selection: list) -> dict[str, Any]:
-        """Everything that decides the outcome of the evaluation (not how it is scheduled)."""
+    def fingerprint_fields(self, selection: list, policy: dict[str, Any]) -> dict[str, Any]:
+        """The evaluation's identity: what decides its results, not where or how it ran.
+
+        policy: the policy's identity (factory.policy_identity: weights, resolved dtype, statistics
+        key). Left out on purpose: policy.device (the device index does not change results),
+        eval.num_envs and the other scheduling fields, env.assets_path (the same assets mounted
+        elsewhere), the testing-only env.fault_* fields and the labels (policy.name).
+        """
+        env = dataclasses.asdict(self.env)
         return {
-            "policy": dataclasses.asdict(self.policy),
-            "env": dataclasses.asdict(self.env),
+            "policy": policy,
+            "env": {k: env[k] for k in ("name", "image_size", "settle_steps", "max_steps")},
             "prune": self.prune,
             "runtime": self.runtime,
             "seed": self.eval.seed,
@@ -179,6 +186,30 @@ class RunConfig:
 def fingerprint(fields: dict[str, Any]) -> str:
     blob = json.dumps(fields, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _flat(fields: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(fields, dict):
+        return {prefix: fields}
+    out: dict[str, Any] = {}
+    for k, v in fields.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def describe_changes(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """'field: <value before> -> <value now>' for every field of two identities that differs."""
+    a, b = _flat(before), _flat(now)
+    lines = []
+    for k in sorted(set(a) | set(b)):
+        old, new = a.get(k, "(not set)"), b.get(k, "(not set)")
+        if old == new:
+            continue
+        if k == "selection" and isinstance(old, list) and isinstance(new, list):
+            lines.append(f"selection: {len(old)} episodes -> {len(new)} episodes")
+        else:
+            lines.append(f"{k}: {json.dumps(old, default=str)} -> {json.dumps(new, default=str)}")
+    return lines
 
 
 def _group(cfg: DictConfig, name: str) -> dict[str, Any]:
