@@ -53,13 +53,15 @@ def pause(where: str, episode: int | None = None, step: int | None = None) -> No
 _appends = {"n": 0}
 
 
-def write(file: IO[str], text: str) -> None:
-    """file.write(text); with disk_full_after=N the appends after the N-th write half and raise ENOSPC."""
+def write(file: IO[bytes], data: bytes) -> None:
+    """All of `data` to an unbuffered binary file; with disk_full_after=N the appends after the N-th
+    write half of their data and raise ENOSPC, as a filling disk does."""
     limit = _spec().get("disk_full_after")
     if limit is not None:
         _appends["n"] += 1
         if _appends["n"] > limit:
-            file.write(text[: len(text) // 2])
-            file.flush()
+            file.write(data[: len(data) // 2])
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), getattr(file, "name", None))
-    file.write(text)
+    view = memoryview(data)
+    while view:
+        view = view[file.write(view):]
