@@ -5,8 +5,8 @@ are real where it matters: a paused worker is a real simulator process that the 
 pid (kill -9, SIGSTOP); only the disk is simulated (no tiny filesystem needed to fill it).
 
     VLA_ACCEL_FAULTS='{"dir": D, "pause": "startup"}'                       # a worker, before it is ready
-    VLA_ACCEL_FAULTS='{"dir": D, "pause": "reset", "episode": 1}'           # the worker starting episode 1
-    VLA_ACCEL_FAULTS='{"dir": D, "pause": "step", "episode": 1, "step": 3}' # ... at its step 3
+    VLA_ACCEL_FAULTS='{"dir": D, "pause": "reset", "task": 0, "episode": 1}'  # the worker starting task 0 ep 1
+    VLA_ACCEL_FAULTS='{"dir": D, "pause": "step", "episode": 1, "step": 3}'   # ... at step 3 of ep 1 (any task)
     VLA_ACCEL_FAULTS='{"disk_full_after": 2}'       # results.jsonl: the 3rd append fails with ENOSPC, half written
 
 A pause fires once per D: the first process to get there creates D/<pause>.pid (its pid) and sleeps
@@ -33,10 +33,11 @@ def _spec() -> dict:
     return json.loads(text) if text else {}
 
 
-def pause(where: str, episode: int | None = None, step: int | None = None) -> None:
-    """Stop here (once per fault dir) when the fault spec asks for this point; see the module doc."""
+def pause(where: str, **point: int | None) -> None:
+    """Stop here (once per fault dir) when the fault spec asks for this point (where, and the task,
+    episode, step it names); see the module doc."""
     spec = _spec()
-    if spec.get("pause") != where or spec.get("episode", episode) != episode or spec.get("step", step) != step:
+    if spec.get("pause") != where or any(spec.get(k, v) != v for k, v in point.items()):
         return
     marker = Path(spec["dir"]) / f"{where}.pid"
     try:

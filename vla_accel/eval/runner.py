@@ -8,9 +8,10 @@ Main process                                     simulator worker k (workers.py:
 Chunks are executed open loop: the actor owns one action queue per stream (= slot index) and
 runs ONE forward for all streams whose queue is empty. What can go wrong, and what happens:
 - an exception inside an env: caught in the worker, the episode is recorded with its traceback;
-- a worker that dies or stops answering (start-up, reset or step; every wait is bounded by
-  `step_timeout_s`): it is stopped (terminate, then kill) and replaced, and its episode runs
-  again, at most MAX_ATTEMPTS times in all (then it is recorded as an error);
+- a worker that dies or stops answering (start-up, reset or step; every wait is bounded:
+  `step_timeout_s` for a reset or a step, max(STARTUP_TIMEOUT_S, step_timeout_s) for start-up):
+  it is stopped (terminate, then kill) and replaced, and its episode runs again, at most
+  MAX_ATTEMPTS times in all (then it is recorded as an error);
 - the policy raises or returns a non-finite action: that stream's episode is recorded as an
   error (with a summary of the values); MAX_POLICY_FAULTS policy calls in a row with such a fault
   stop the run (PolicyFault);
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 MAX_POLICY_FAULTS = 3        # policy calls in a row that raised or gave non-finite actions: the policy is broken
 MAX_ATTEMPTS = 2             # an episode whose simulator worker failed is run at most this often in all
 MAX_WORKER_RESTARTS = 20     # more worker replacements than this in one run: the simulator is broken
+STARTUP_TIMEOUT_S = 120.0    # a new worker has max(this, step_timeout_s) to start (spawn + imports)
 _STANDARD_INFO_KEYS = {"queried", "latency_ms", "batch_size", "tokens_kept"}
 
 
@@ -179,7 +181,7 @@ class RolloutRunner:
             self._trace_key = keys[0]          # a single file: the first episode of the run
         n = min(self.num_envs, len(keys))
         pool = WorkerPool(self.make_env, n, timeout_s=self.step_timeout_s, context=self.context,
-                          env_vars=self.worker_env)
+                          startup_timeout_s=max(STARTUP_TIMEOUT_S, self.step_timeout_s), env_vars=self.worker_env)
         slots: list[_Episode | None] = [None] * n
         t0 = time.perf_counter()
         clean = False

@@ -6,8 +6,8 @@ Main process (WorkerPool)                       worker process (_serve, spawn / 
   request({i: ("step", action)})      ------>        step(action)  -> (obs, reward, terminated, truncated, info)
   close                               ------>        leaves its loop, closes the simulator
 
-A worker that exits, breaks its pipe or stays silent past `timeout_s` comes back from request() as a
-WorkerFailure (which worker, in which phase, why) and is stopped: "close", then SIGTERM (with
+A worker that exits, breaks its pipe or stays silent past `timeout_s` (`startup_timeout_s` until it
+is ready) comes back from start() / request() as a WorkerFailure (which worker, in which phase, why) and is stopped: "close", then SIGTERM (with
 SIGCONT, so a stopped process gets it), then SIGKILL, each followed by a join of at most `grace_s`.
 Nothing here waits without a limit. Workers ignore SIGINT (Ctrl-C reaches the whole process group;
 the main process decides) and leave when the main process is gone (their pipe ends).
@@ -46,6 +46,7 @@ class EpisodeSlot:
         self._make_env = make_env
         self._env = None
         self._episode: int | None = None
+        self._task: int | None = None
         self._t = 0
 
     def _drop_env(self) -> None:
@@ -57,8 +58,8 @@ class EpisodeSlot:
             pass
 
     def reset(self, job: dict):
-        self._episode, self._t = None, 0
-        faults.pause("reset", episode=job["episode"])
+        self._episode, self._task, self._t = None, job["task_id"], 0
+        faults.pause("reset", task=job["task_id"], episode=job["episode"])
         try:
             if self._env is None:
                 self._env = self._make_env(job["suite"], job["task_id"])
@@ -73,7 +74,7 @@ class EpisodeSlot:
     def step(self, action):
         if self._episode is None:
             return None, 0.0, False, False, {"error": "step() without a running episode"}
-        faults.pause("step", episode=self._episode, step=self._t)
+        faults.pause("step", task=self._task, episode=self._episode, step=self._t)
         try:
             obs, reward, terminated, truncated, info = self._env.step(action)
         except Exception as exc:
@@ -139,10 +140,10 @@ def _exit_reason(process) -> str:
 class WorkerPool:
     """`size` simulator worker processes; see the module doc. Indices are slots: 0..size-1."""
 
-    def __init__(self, make_env: Callable[[str, int], Any], size: int, *, timeout_s: float, context: str = "spawn",
-                 env_vars: dict[str, str] | None = None, grace_s: float = 5.0):
+    def __init__(self, make_env: Callable[[str, int], Any], size: int, *, timeout_s: float, startup_timeout_s: float,
+                 context: str = "spawn", env_vars: dict[str, str] | None = None, grace_s: float = 5.0):
         self.make_env, self.size = make_env, size
-        self.timeout_s, self.grace_s = timeout_s, grace_s
+        self.timeout_s, self.startup_timeout_s, self.grace_s = timeout_s, startup_timeout_s, grace_s
         self.ctx = mp.get_context(context)
         self.env_vars = dict(env_vars or {})
         self.processes: list[Any] = [None] * size
@@ -168,7 +169,7 @@ class WorkerPool:
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
-        replies, failures = self._collect(indices, "start-up")
+        replies, failures = self._collect(indices, "start-up", self.startup_timeout_s)
         for i, reply in replies.items():
             if not (isinstance(reply, tuple) and reply[:1] == ("ready",)):
                 failures[i] = WorkerFailure(i, "start-up", f"sent {reply!r} instead of ready")
@@ -225,25 +226,24 @@ class WorkerPool:
                 sent.append(i)
             except (OSError, ValueError):             # a dead worker's pipe
                 failures[i] = WorkerFailure(i, phase, _exit_reason(_reaped(self.processes[i])))
-        replies, late = self._collect(sent, phase)
+        replies, late = self._collect(sent, phase, self.timeout_s)
         failures.update(late)
         for i in failures:
             self.stop(i, polite=False)
         return replies, failures
 
-    def _collect(self, indices: list[int], phase: str) -> tuple[dict[int, Any], dict[int, WorkerFailure]]:
+    def _collect(self, indices: list[int], phase: str, timeout_s: float) -> tuple[dict[int, Any], dict[int, WorkerFailure]]:
         """One message from each worker in `indices` within timeout_s; the rest are failures."""
         replies: dict[int, Any] = {}
         failures: dict[int, WorkerFailure] = {}
         waiting = {self.conns[i]: i for i in indices}
-        end = time.monotonic() + self.timeout_s
+        end = time.monotonic() + timeout_s
         while waiting:
             left = end - time.monotonic()
             ready = wait(list(waiting), timeout=max(0.0, left)) if left > 0 else []
             if not ready:
                 for i in waiting.values():
-                    failures[i] = WorkerFailure(i, phase, f"did not answer within {self.timeout_s:g} s "
-                                                          "(eval.step_timeout_s)")
+                    failures[i] = WorkerFailure(i, phase, f"did not answer within {timeout_s:g} s")
                 break
             for conn in ready:
                 i = waiting.pop(conn)
