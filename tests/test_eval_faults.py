@@ -108,6 +108,13 @@ def account(fault: str, run_dir: Path, statuses: list[int], clean=True) -> dict:
     return latest
 
 
+def resume(fault: str, run_dir: Path, first_status: int, *extra, says: str = "") -> None:
+    """Run again in the same dir; it must finish clean, with every episode once (added to the table)."""
+    rc, out = run(run_dir, *extra)
+    assert rc == 0 and says in out, out[-4000:]
+    account(fault, run_dir, [first_status, rc])
+
+
 @pytest.fixture(scope="module", autouse=True)
 def fault_table(tmp_path_factory):
     yield
@@ -148,9 +155,7 @@ def test_kill_9_of_the_main_process(tmp_path):
     assert rc == -signal.SIGKILL
     assert gone_within(workers), "simulator workers outlived the killed main process"
     assert len(R.read_records(run_dir / R.RESULTS_FILE)) >= 2          # task 0 finished before the kill
-    rc2, out = run(run_dir)
-    assert rc2 == 0, out[-4000:]
-    account("kill -9 of the main process (during task 1 ep 1)", run_dir, [rc, rc2])
+    resume("kill -9 of the main process (during task 1 ep 1)", run_dir, rc)
 
 
 @pytest.mark.slow
@@ -164,9 +169,7 @@ def test_sigint_of_the_main_process(tmp_path):
     assert not alive(paused)
     s = summary(run_dir)
     assert s["interrupted"] and not s["complete"] and s["missing"] and s["exit_status"] == 130
-    rc2, out = run(run_dir)
-    assert rc2 == 0, out[-4000:]
-    account("SIGINT (Ctrl-C) of the main process", run_dir, [rc, rc2])
+    resume("SIGINT (Ctrl-C) of the main process", run_dir, rc)
 
 
 # ---- simulator workers -------------------------------------------------------------------------------
@@ -209,9 +212,9 @@ def test_env_exceptions(tmp_path):
     s = summary(run_dir)
     assert not s["complete"] and len(s["errors"]) == 2 and not s["missing"]
     assert all("injected fault at step 2" in e["error"] for e in s["errors"])
-    rc2, out = run(run_dir, "eval.retry_errors=true")       # the fault fields are not part of the identity
-    assert rc2 == 0 and "2 already done, 2 to run" in out, out[-4000:]
-    account("env exception at step 2 of 2 episodes (retried with eval.retry_errors)", run_dir, [rc, rc2])
+    # without the fault (its fields are not part of the identity), the errored episodes again
+    resume("env exception at step 2 of 2 episodes (retried with eval.retry_errors)", run_dir, rc,
+           "eval.retry_errors=true", says="2 already done, 2 to run")
 
 
 def read_only(path: Path):
@@ -239,9 +242,7 @@ def test_read_only_run_dir(finished_run, tmp_path):
     undo()
     assert rc == 2 and "cannot write" in out and "Traceback" not in out, out[-4000:]
     assert (run_dir / R.RESULTS_FILE).read_bytes() == before
-    rc2, out = run(run_dir)
-    assert rc2 == 0 and "2 already done, 2 to run" in out, out[-4000:]
-    account("read-only run dir (2 episodes left to run)", run_dir, [rc, rc2])
+    resume("read-only run dir (2 episodes left to run)", run_dir, rc, says="2 already done, 2 to run")
 
 
 def test_truncated_results_line(finished_run, tmp_path):
@@ -262,9 +263,7 @@ def test_disk_full(tmp_path):
     text = (run_dir / R.RESULTS_FILE).read_text()
     assert text.endswith("\n") and len(text.splitlines()) == 2           # the half-written line was cut off
     assert len(summary(run_dir)["missing"]) == 2
-    rc2, out = run(run_dir)
-    assert rc2 == 0, out[-4000:]
-    account("disk full (ENOSPC) at the 3rd results line", run_dir, [rc, rc2])
+    resume("disk full (ENOSPC) at the 3rd results line", run_dir, rc)
 
 
 @pytest.mark.slow
@@ -292,6 +291,5 @@ def test_nan_weights(tmp_path):
     with torch.no_grad():
         weight.copy_(good)
     save_checkpoint(policy, ckpt)                                       # the cause fixed: same files, good weights
-    rc2, out = run(run_dir, *args, "eval.retry_errors=true")
-    assert rc2 == 0 and "0 already done, 4 to run" in out, out[-4000:]
-    account("NaN in the checkpoint's weights (fixed, then eval.retry_errors)", run_dir, [rc, rc2])
+    resume("NaN in the checkpoint's weights (fixed, then eval.retry_errors)", run_dir, rc, *args,
+           "eval.retry_errors=true", says="0 already done, 4 to run")

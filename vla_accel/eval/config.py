@@ -80,7 +80,7 @@ class EnvConfig:
     assets_path: str | None = None       # LIBERO asset folder; null: the env var named by vla_accel.envs.ASSETS_ENV_VAR, else LIBERO's default
     settle_steps: int = 10               # no-op steps at episode start (not counted in max steps)
     max_steps: int | None = None         # cap on policy steps per episode; null: the suite's protocol value (220/280/300/520/400)
-    fault_step: int | None = None        # TESTING ONLY: the env raises at this step of the episodes listed in fault_episodes
+    fault_step: int | None = None        # TESTING ONLY: the env raises at this step of the episodes listed in fault_episodes (not part of the run identity)
     fault_episodes: list[int] = field(default_factory=list)  # TESTING ONLY: episode indices that fault at fault_step
 
     def __post_init__(self) -> None:
@@ -116,7 +116,7 @@ class EvalConfig:
     pin_gpu_by_job: bool = True          # under submitit_local with several visible GPUs: job k keeps only GPU (k mod #GPUs)
     render_threads: int | None = None    # Mesa llvmpipe (CPU EGL) threads per simulator (LP_NUM_THREADS); null: Mesa's default; GPU EGL ignores it
     max_consecutive_errors: int = 10     # stop the run after this many episodes in a row end with an error (0: never)
-    step_timeout_s: float = 900.0        # a simulator worker silent this long is treated as crashed
+    step_timeout_s: float = 900.0        # a simulator worker silent this long in a reset or step is stopped (terminate, kill) and replaced; its episode runs again (start-up: at least 120 s)
     worker_context: str = "spawn"        # multiprocessing start method of the simulator workers: spawn | forkserver
 
     def __post_init__(self) -> None:

@@ -148,7 +148,6 @@ class WorkerPool:
         self.env_vars = dict(env_vars or {})
         self.processes: list[Any] = [None] * size
         self.conns: list[Connection | None] = [None] * size
-        self.restarts = 0
 
     # ---- life cycle --------------------------------------------------------------------------
     def start(self, indices: list[int]) -> dict[int, WorkerFailure]:
@@ -174,29 +173,19 @@ class WorkerPool:
             if not (isinstance(reply, tuple) and reply[:1] == ("ready",)):
                 failures[i] = WorkerFailure(i, "start-up", f"sent {reply!r} instead of ready")
         for i in failures:
-            self.stop(i, polite=False)
+            self.stop(i)
         return failures
 
     def restart(self, i: int) -> WorkerFailure | None:
-        self.stop(i, polite=False)
-        self.restarts += 1
+        self.stop(i)
         return self.start([i]).get(i)
 
-    def pid(self, i: int) -> int | None:
-        return self.processes[i].pid if self.processes[i] is not None else None
-
-    def stop(self, i: int, polite: bool = True) -> None:
-        """Stop worker i: close request (polite), SIGTERM + SIGCONT, SIGKILL; each join bounded."""
+    def stop(self, i: int) -> None:
+        """Stop worker i now: SIGTERM (+ SIGCONT), then SIGKILL; each join bounded by grace_s."""
         process, conn = self.processes[i], self.conns[i]
         self.processes[i] = self.conns[i] = None
         if process is None:
             return
-        if polite and process.is_alive():
-            try:
-                conn.send(("close", None))
-                process.join(self.grace_s)
-            except OSError:
-                pass
         _escalate(process, self.grace_s)
         conn.close()
 
@@ -213,7 +202,7 @@ class WorkerPool:
             for i in alive:
                 self.processes[i].join(max(0.0, end - time.monotonic()))
         for i in alive:
-            self.stop(i, polite=False)
+            self.stop(i)
 
     # ---- requests ----------------------------------------------------------------------------
     def request(self, requests: dict[int, tuple[str, Any]], phase: str) -> tuple[dict[int, Any], dict[int, WorkerFailure]]:
@@ -229,7 +218,7 @@ class WorkerPool:
         replies, late = self._collect(sent, phase, self.timeout_s)
         failures.update(late)
         for i in failures:
-            self.stop(i, polite=False)
+            self.stop(i)
         return replies, failures
 
     def _collect(self, indices: list[int], phase: str, timeout_s: float) -> tuple[dict[int, Any], dict[int, WorkerFailure]]:
