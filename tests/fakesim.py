@@ -117,6 +117,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    import fakesim   # a module of its own name: the workers unpickle fakesim.make_fake_sim
+    import fakesim  # a module of its own name: the workers unpickle fakesim.make_fake_sim
 
     fakesim.main()

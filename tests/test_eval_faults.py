@@ -269,8 +269,8 @@ def test_disk_full(tmp_path):
 @pytest.mark.slow
 def test_nan_weights(tmp_path):
     import torch
-
     from test_checkpoint import write_tiny_tokenizer
+
     from vla_accel import random_policy, save_checkpoint
 
     ckpt = tmp_path / "ckpt"

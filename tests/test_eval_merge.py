@@ -4,8 +4,7 @@ import json
 
 import pytest
 
-from vla_accel.eval import merge as M
-from vla_accel.eval import results as R
+from vla_accel.eval import merge as M, results as R
 from vla_accel.eval.config import fingerprint
 from vla_accel.eval.shard import EpisodeKey, shard_selection
 

@@ -50,7 +50,9 @@ def test_a_full_disk_cuts_the_unfinished_line_and_says_so(tmp_path, monkeypatch)
 
 def test_done_keys_and_retry_of_errored_episodes():
     records = [rec(ep=0), rec(ep=1, success=False, error="boom"), rec(ep=2, success=False)]
-    k = lambda e: EpisodeKey("libero_spatial", 0, e)
+    def k(e):
+        return EpisodeKey("libero_spatial", 0, e)
+
     assert R.done_keys(records, retry_errors=False) == {k(0), k(1), k(2)}
     assert R.done_keys(records, retry_errors=True) == {k(0), k(2)}
     # a retried episode supersedes its error record; it is not a duplicate

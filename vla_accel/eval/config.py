@@ -14,10 +14,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from vla_accel._config import build_dataclass
-
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
+
+from vla_accel._config import build_dataclass
 
 
 class ConfigError(ValueError):

@@ -23,7 +23,6 @@ import gymnasium as gym
 
 from vla_accel.eval.config import ConfigError, PolicyConfig, RunConfig, run_config_from_hydra
 
-
 # ---- policy / actor ---------------------------------------------------------------------------
 
 

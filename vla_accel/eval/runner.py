@@ -303,8 +303,8 @@ class RolloutRunner:
         if ep is not None:
             self._attempts[ep.key] += 1
             if self._attempts[ep.key] >= MAX_ATTEMPTS:
-                self._finish(slots, i, success=False, error=f"the simulator worker failed "
-                                                            f"{self._attempts[ep.key]} times during this episode; last: {failure}")
+                self._finish(slots, i, success=False, error=f"the simulator worker failed {self._attempts[ep.key]} "
+                                                            f"times during this episode; last: {failure}")
             else:
                 self._discard(ep)
                 slots[i] = None

@@ -7,8 +7,9 @@ Main process (WorkerPool)                       worker process (_serve, spawn / 
   close                               ------>        leaves its loop, closes the simulator
 
 A worker that exits, breaks its pipe or stays silent past `timeout_s` (`startup_timeout_s` until it
-is ready) comes back from start() / request() as a WorkerFailure (which worker, in which phase, why) and is stopped: "close", then SIGTERM (with
-SIGCONT, so a stopped process gets it), then SIGKILL, each followed by a join of at most `grace_s`.
+is ready) comes back from start() / request() as a WorkerFailure (which worker, in which phase,
+why) and is stopped: SIGTERM (with SIGCONT, so a stopped process gets it), then SIGKILL, each
+followed by a join of at most `grace_s`. close() asks healthy workers to leave first.
 Nothing here waits without a limit. Workers ignore SIGINT (Ctrl-C reaches the whole process group;
 the main process decides) and leave when the main process is gone (their pipe ends).
 """
@@ -23,8 +24,6 @@ import time
 import traceback
 from multiprocessing.connection import Connection, wait
 from typing import Any, Callable
-
-import numpy as np
 
 from vla_accel.eval import faults
 
@@ -125,6 +124,9 @@ class WorkerFailure(RuntimeError):
         self.index, self.phase, self.reason = index, phase, reason
 
 
+Failures = dict[int, WorkerFailure]     # worker index -> what happened to it
+
+
 def _exit_reason(process) -> str:
     code = process.exitcode
     if code is None:
@@ -205,7 +207,7 @@ class WorkerPool:
             self.stop(i)
 
     # ---- requests ----------------------------------------------------------------------------
-    def request(self, requests: dict[int, tuple[str, Any]], phase: str) -> tuple[dict[int, Any], dict[int, WorkerFailure]]:
+    def request(self, requests: dict[int, tuple[str, Any]], phase: str) -> tuple[dict[int, Any], Failures]:
         """Send each worker its (command, data); wait for the answers (bounded). -> (replies, failures)."""
         failures: dict[int, WorkerFailure] = {}
         sent = []
@@ -221,7 +223,7 @@ class WorkerPool:
             self.stop(i)
         return replies, failures
 
-    def _collect(self, indices: list[int], phase: str, timeout_s: float) -> tuple[dict[int, Any], dict[int, WorkerFailure]]:
+    def _collect(self, indices: list[int], phase: str, timeout_s: float) -> tuple[dict[int, Any], Failures]:
         """One message from each worker in `indices` within timeout_s; the rest are failures."""
         replies: dict[int, Any] = {}
         failures: dict[int, WorkerFailure] = {}
