@@ -53,9 +53,15 @@ def save_trace(path: str | os.PathLike, frames: list[dict], instruction: str, me
     if path.suffix != ".npz":  # np.savez_compressed would append it anyway
         path = path.with_name(path.name + ".npz")
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(
-        path, **arrays, instruction=np.array(str(instruction)), meta=np.array(json.dumps(meta, sort_keys=True))
-    )
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # write + rename: never half a trace
+    try:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(
+                f, **arrays, instruction=np.array(str(instruction)), meta=np.array(json.dumps(meta, sort_keys=True))
+            )
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -106,7 +106,8 @@ class DeployClient:
 # ---- observations ------------------------------------------------------------------------------------------
 def images(seed: int, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return (rng.integers(0, 256, (size, size, 3), dtype=np.uint8), rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+    shape = (size, size, 3)
+    return rng.integers(0, 256, shape, dtype=np.uint8), rng.integers(0, 256, shape, dtype=np.uint8)
 
 
 def state(seed: int) -> np.ndarray:

@@ -4,8 +4,7 @@ import json
 
 import pytest
 
-from vla_accel.eval import merge as M
-from vla_accel.eval import results as R
+from vla_accel.eval import merge as M, results as R
 from vla_accel.eval.config import fingerprint
 from vla_accel.eval.shard import EpisodeKey, shard_selection
 
@@ -98,3 +97,24 @@ def test_sweep_over_settings_is_merged_per_setting(tmp_path, capsys):
 def test_not_a_run_dir(tmp_path, capsys):
     assert M.main([str(tmp_path)]) == 2
     assert "no run.json" in capsys.readouterr().err
+
+
+def test_out_never_replaces_a_runs_results(tmp_path, capsys):
+    # issue 12, item 2: --out EXISTING_RUN_DIR replaced that run's results.jsonl without a word
+    a = make_run(tmp_path / "a", 0, 2)
+    b = make_run(tmp_path / "b", 1, 2)
+    before = (a / R.RESULTS_FILE).read_bytes()
+    assert M.main([str(a), str(b), "--out", str(a)]) == 2
+    assert "is a run dir of vla-accel-eval" in capsys.readouterr().err
+    assert (a / R.RESULTS_FILE).read_bytes() == before
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / R.RESULTS_FILE).write_text("precious\n")
+    assert M.main([str(a), str(b), "--out", str(other)]) == 2
+    assert "did not write" in capsys.readouterr().err and (other / R.RESULTS_FILE).read_text() == "precious\n"
+    # a previous merge in the same --out is replaced (re-merging after more shards finished)
+    merged = tmp_path / "merged"
+    assert M.main([str(a), "--out", str(merged)]) == 1                   # shard 1 missing
+    assert M.main([str(a), str(b), "--out", str(merged)]) == 0
+    assert len(R.read_records(merged / R.RESULTS_FILE)) == 6
+    assert not [p for p in merged.iterdir() if p.name.endswith(".tmp")]

@@ -31,9 +31,28 @@ def test_writer_appends_lines_and_reader_skips_a_cut_line(tmp_path):
     assert R.read_records(tmp_path / "absent.jsonl") == []
 
 
+def test_a_full_disk_cuts_the_unfinished_line_and_says_so(tmp_path, monkeypatch):
+    from vla_accel.eval import faults
+
+    monkeypatch.setenv(faults.ENV_VAR, '{"disk_full_after": 1}')
+    faults._spec.cache_clear()
+    monkeypatch.setitem(faults._appends, "n", 0)
+    path = tmp_path / "results.jsonl"
+    with R.ResultsWriter(path) as w:
+        w.append(rec(ep=0))
+        with pytest.raises(R.ResultsWriteError, match="No space left on device. The episodes recorded before are "
+                                                      r"intact \(1 in this session\)") as err:
+            w.append(rec(ep=1))               # half of the line reaches the disk, then ENOSPC
+    faults._spec.cache_clear()
+    assert err.value.errno == 28
+    assert [r["episode"] for r in R.read_records(path)] == [0] and path.read_text().endswith("}\n")
+
+
 def test_done_keys_and_retry_of_errored_episodes():
     records = [rec(ep=0), rec(ep=1, success=False, error="boom"), rec(ep=2, success=False)]
-    k = lambda e: EpisodeKey("libero_spatial", 0, e)
+    def k(e):
+        return EpisodeKey("libero_spatial", 0, e)
+
     assert R.done_keys(records, retry_errors=False) == {k(0), k(1), k(2)}
     assert R.done_keys(records, retry_errors=True) == {k(0), k(2)}
     # a retried episode supersedes its error record; it is not a duplicate

@@ -5,7 +5,9 @@ receives was computed for exactly that episode and step, so mis-routed observati
 between streams, or a chunk executed out of order, surface as episode errors.
 """
 
+import json
 import os
+import time
 from collections import deque
 from functools import partial
 
@@ -24,7 +26,7 @@ CHUNK = 4
 class FakeEnv(gym.Env):
     """Even episodes succeed at step `succeed_at`; odd ones run to max_steps."""
 
-    def __init__(self, suite, task_id, succeed_at=6, max_steps=10, fault=None, crash=None):
+    def __init__(self, suite, task_id, succeed_at=6, max_steps=10, fault=None, crash=None, slow_reset=None):
         image = spaces.Box(0, 255, (8, 8, 3), np.uint8)
         self.observation_space = spaces.Dict({"full_image": image, "wrist_image": image,
                                               "state": spaces.Box(-np.inf, np.inf, (8,), np.float32),
@@ -32,6 +34,7 @@ class FakeEnv(gym.Env):
         self.action_space = spaces.Box(-1.0, 1.0, (7,), np.float32)
         self.succeed_at, self.max_steps = succeed_at, max_steps
         self.fault, self.crash = fault, crash          # (episode, step)
+        self.slow_reset = slow_reset                   # (episode, seconds): a reset that hangs
         self.key, self.t = None, 0
 
     def _obs(self):
@@ -41,6 +44,8 @@ class FakeEnv(gym.Env):
         return {"full_image": img, "wrist_image": img, "state": state, "instruction": f"task {task}"}
 
     def reset(self, *, seed=None, options=None):
+        if self.slow_reset and options["episode"] == self.slow_reset[0]:
+            time.sleep(self.slow_reset[1])
         self.key = (options["suite"], options["task_id"], options["episode"])
         self.t = 0
         mark = os.environ.get("VLA_ACCEL_TEST_MARK", "")      # shows the worker's environment
@@ -65,9 +70,10 @@ def make_fake_env(params, suite, task_id):
 class FakeActor:
     """Chunked open-loop actor: one batched 'forward' per call for the streams whose queue is empty."""
 
-    def __init__(self, interrupt_after_calls=None):
+    def __init__(self, interrupt_after_calls=None, nan_episodes=()):
         self.queues, self.batches = {}, []
         self.interrupt_after_calls = interrupt_after_calls
+        self.nan_episodes = set(nan_episodes)          # chunks for these episodes hold a NaN
 
     def describe(self):
         return {"name": "fake", "random_weights": True, "device": "cpu", "dtype": "float32"}
@@ -87,7 +93,8 @@ class FakeActor:
             self.batches.append(len(need))
             for j in need:
                 _, ep, t = obs_list[j]["state"][:3]
-                self.queues[streams[j]].extend([[ep, t + k, 0, 0, 0, 0, 0] for k in range(CHUNK)])
+                bad = np.nan if ep in self.nan_episodes else 0
+                self.queues[streams[j]].extend([[ep, t + k, bad, 0, 0, 0, 0] for k in range(CHUNK)])
                 infos[j] = {"queried": True, "latency_ms": 1.0, "batch_size": len(need), "tokens_kept": 10,
                             "mode": "fake"}
         return np.array([self.queues[s].popleft() for s in streams], np.float32), infos
@@ -97,11 +104,11 @@ def keys(tasks=2, episodes=3):
     return [EpisodeKey("libero_spatial", t, e) for t in range(tasks) for e in range(episodes)]
 
 
-def run(selection, num_envs=2, actor=None, **env_params):
+def run(selection, num_envs=2, actor=None, step_timeout_s=60, **env_params):
     records = []
     actor = actor or FakeActor()
     runner = RolloutRunner(actor, partial(make_fake_env, env_params), num_envs=num_envs,
-                           on_episode=records.append, warmup_chunks=1, step_timeout_s=60)
+                           on_episode=records.append, warmup_chunks=1, step_timeout_s=step_timeout_s)
     stats = runner.run(selection)
     return records, stats, actor
 
@@ -150,9 +157,40 @@ def test_a_worker_that_dies_is_replaced_and_its_episode_retried_once():
     records, stats, _ = run(selection, num_envs=2, crash=(2, 1))
     got = by_key(records)
     assert sorted(got) == selection
-    assert "crashed twice" in got[EpisodeKey("libero_spatial", 0, 2)]["error"]
+    assert "failed 2 times during this episode" in got[EpisodeKey("libero_spatial", 0, 2)]["error"]
     assert all(r["error"] is None for k, r in got.items() if k.episode != 2)
     assert stats.worker_restarts == 2
+
+
+def test_a_worker_that_hangs_in_reset_is_replaced_and_no_episode_is_lost():
+    # issue 12, item 1: episodes being started when their worker timed out in reset were dropped (exit 0)
+    selection = keys(tasks=1, episodes=3)
+    records, stats, _ = run(selection, num_envs=2, step_timeout_s=3, slow_reset=(1, 30))
+    got = by_key(records)
+    assert sorted(got) == selection
+    assert "failed 2 times during this episode" in got[EpisodeKey("libero_spatial", 0, 1)]["error"]
+    assert "did not answer within 3 s during reset" in got[EpisodeKey("libero_spatial", 0, 1)]["error"]
+    assert all(r["error"] is None for k, r in got.items() if k.episode != 1)
+    assert stats.worker_restarts == 2
+
+
+def test_non_finite_actions_are_episode_errors_and_repeated_ones_stop_the_run():
+    from vla_accel.eval.runner import PolicyFault
+
+    selection = keys(tasks=1, episodes=4)
+    records, _, _ = run(selection, num_envs=1, actor=FakeActor(nan_episodes={1}))
+    got = by_key(records)
+    assert sorted(got) == selection
+    bad = got[EpisodeKey("libero_spatial", 0, 1)]
+    assert bad["steps"] == 0 and "non-finite action at step 0" in bad["error"]
+    assert "1 of 7 values are not finite (nan 1, +inf 0, -inf 0): [1, 0, nan, 0" in bad["error"]
+    assert all(r["error"] is None for k, r in got.items() if k.episode != 1)
+    records = []
+    runner = RolloutRunner(FakeActor(nan_episodes={0, 1, 2, 3}), partial(make_fake_env, {}), num_envs=1,
+                           on_episode=records.append)
+    with pytest.raises(PolicyFault, match="3 policy calls in a row failed"):
+        runner.run(selection)
+    assert [r["episode"] for r in records] == [0, 1, 2]      # recorded before the stop; episode 3 not run
 
 
 def test_many_errors_in_a_row_stop_the_run_after_recording_them():
@@ -199,16 +237,19 @@ class FakeCatalog:
     def task_name(self, suite, task_id):
         return f"fake task {task_id}"
 
+    def instruction(self, suite, task_id):
+        return f"do task {task_id}"
+
 
 @pytest.fixture
 def fake_cli(monkeypatch):
     from vla_accel.eval import factory
 
-    state = {"actor": None}
+    state = {"actor": None, "env": {}}
     monkeypatch.setattr(factory, "LiberoCatalog", FakeCatalog)
     monkeypatch.setattr(factory, "resolve_assets", lambda rc: "/nowhere")
     monkeypatch.setattr(factory, "build_actor", lambda rc, unnorm_key=None: state["actor"] or FakeActor())
-    monkeypatch.setattr(factory, "env_factory", lambda rc, assets: partial(make_fake_env, {}))
+    monkeypatch.setattr(factory, "env_factory", lambda rc, assets: partial(make_fake_env, state["env"]))
     return state
 
 
@@ -250,16 +291,30 @@ def test_cli_writes_results_and_resume_skips_finished_episodes(tmp_path, fake_cl
     assert len(again) == 6 and R.key_of(again[-1]) == R.key_of(first[2])
 
 
+def test_every_episode_with_an_error_is_not_a_clean_run(tmp_path, fake_cli):
+    # issue 12: a run whose every episode errored exited 0 with complete=true
+    fake_cli["env"] = {"fault": (0, 0)}
+    summary = run_cli(tmp_path, "eval.task_ids=[0,1]", "eval.episodes=[0]", "eval.max_consecutive_errors=0")
+    assert summary["exit_status"] == 4 and not summary["complete"] and not summary["missing"]
+    assert [e["episode"] for e in summary["errors"]] == ["libero_spatial/task0/ep0", "libero_spatial/task1/ep0"]
+
+
+def test_rerunning_a_finished_run_keeps_its_throughput(tmp_path, fake_cli):
+    sel = ["eval.task_ids=[0]", "eval.episodes=[0,1]"]
+    first = run_cli(tmp_path, *sel)["throughput"]
+    assert first["episodes"] == 2 and first["wall_s"] > 0 and len(first["sessions"]) == 1
+    again = run_cli(tmp_path, *sel)                      # nothing left to run
+    assert again["exit_status"] == 0 and again["throughput"] == first
+    assert json.loads((tmp_path / R.SUMMARY_FILE).read_text())["throughput"] == first
+
+
 def test_ctrl_c_leaves_finished_episodes_on_disk_and_resume_completes(tmp_path, fake_cli):
     sel = ["eval.task_ids=[0]", "eval.episodes=null", "eval.num_episodes=4", "eval.num_envs=1"]
     # episode 0 takes 2 chunks (success at step 6), episode 1 takes 3: the 5th forward is in episode 1
     fake_cli["actor"] = FakeActor(interrupt_after_calls=4)
-    with pytest.raises(SystemExit) as exc:
-        run_cli(tmp_path, *sel)
-    assert exc.value.code == 130
+    assert run_cli(tmp_path, *sel)["exit_status"] == 130
     done = R.read_records(tmp_path / R.RESULTS_FILE)
     assert [r["episode"] for r in done] == [0]
-    import json
     partial_summary = json.loads((tmp_path / R.SUMMARY_FILE).read_text())
     assert partial_summary["interrupted"] and not partial_summary["complete"]
     assert len(partial_summary["missing"]) == 3
@@ -268,12 +323,17 @@ def test_ctrl_c_leaves_finished_episodes_on_disk_and_resume_completes(tmp_path, 
     assert sorted(r["episode"] for r in R.read_records(tmp_path / R.RESULTS_FILE)) == [0, 1, 2, 3]
 
 
-def test_cli_refuses_a_run_dir_of_another_evaluation(tmp_path, fake_cli):
+def test_run_dir_identity_ignores_where_it_ran_and_names_what_changed(tmp_path, fake_cli):
     from vla_accel.eval.config import ConfigError
 
-    run_cli(tmp_path, "eval.seed=0")
-    with pytest.raises(ConfigError, match="different evaluation .*seed"):
-        run_cli(tmp_path, "eval.seed=1")
+    run_cli(tmp_path, "eval.seed=0", "policy.device=auto", "policy.dtype=float32", "eval.num_envs=2")
+    # another device string and another number of simulators: the same evaluation; resume finds it done
+    fake_cli["actor"] = FakeActor(interrupt_after_calls=0)
+    again = run_cli(tmp_path, "eval.seed=0", "policy.device=cpu", "policy.dtype=float32", "eval.num_envs=1")
+    assert again["exit_status"] == 0 and again["complete"]
+    with pytest.raises(ConfigError, match=r'(?s)different evaluation.*policy.dtype: "float32" -> "bfloat16"'
+                                          r'.*seed: 0 -> 1'):
+        run_cli(tmp_path, "eval.seed=1", "policy.dtype=bfloat16")
 
 
 def test_cli_bad_selection_lists_valid_values(tmp_path, fake_cli):

@@ -8,7 +8,6 @@ unbatched one by float reassociation only (measured <= 3e-7 on these chunks), he
 from __future__ import annotations
 
 import threading
-import time
 
 import json_numpy
 import numpy as np
@@ -113,8 +112,10 @@ BAD_WS = [  # (name, raw message or changes to a good observation, what the erro
     ("text frame", "hello", "binary msgpack"),
     ("not a map", openpi_pack([1, 2, 3]), "map of observation fields"),
     ("missing state", {"observation/state": None}, "missing key 'state' / 'observation/state'"),
-    ("float image", {"observation/image": np.zeros((64, 64, 3), np.float32)}, "'observation/image' must have dtype uint8"),
-    ("gray image", {"observation/image": np.zeros((64, 64), np.uint8)}, "'observation/image' must have shape [H, W, 3]"),
+    ("float image", {"observation/image": np.zeros((64, 64, 3), np.float32)},
+     "'observation/image' must have dtype uint8"),
+    ("gray image", {"observation/image": np.zeros((64, 64), np.uint8)},
+     "'observation/image' must have shape [H, W, 3]"),
     ("huge side", {"observation/image": np.zeros((1100, 16, 3), np.uint8)}, "at most 1024 per side"),
     ("short state", {"observation/state": np.zeros(3, np.float32)}, "'observation/state' must be 8 numbers"),
     ("nan state", {"observation/state": np.full(8, np.nan, np.float32)}, "NaN"),

@@ -24,7 +24,8 @@ def test_serve_bench_smoke(tmp_path):
                         instruction=np.array("put the bowl on the plate"), meta=np.array("{}"))
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "serve_bench.py"), "--trace", str(trace),
-                           "--preset", "tiny", "--device", "cpu", "--steps", "2", "--clients", "2", "--windows-ms", "0,5",
+                           "--preset", "tiny", "--device", "cpu", "--steps", "2", "--clients", "2",
+                           "--windows-ms", "0,5",
                            "--port", str(free_port()), "--out", str(out)],
                           capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -49,6 +49,17 @@ def default_dtype(device) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _check_dtype(dtype) -> torch.dtype:
+    """'float32' | 'bfloat16' | 'float16' or the torch dtype; anything else fails naming the choices."""
+    value = DTYPES.get(dtype) if isinstance(dtype, str) else dtype
+    if value not in DTYPES.values():
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)} (or the torch dtypes); got {dtype!r}")
+    return value
+
+
 # ---------------------------------------------------------------------------- key handling
 def unused_keys(cfg: OFTConfig) -> list[str]:
     """Prefixes of published checkpoint keys that inference never reads; the loader skips them silently."""
@@ -215,13 +226,13 @@ def load_policy(source, *, device=None, dtype=None, unnorm_key: str | None = Non
     """Loads an official OpenVLA-OFT checkpoint (local dir or hub id) into a ready Policy."""
     root = resolve_source(source)
     device = torch.device(device or default_device())
-    dtype = dtype or default_dtype(device)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+    dtype = _check_dtype(dtype or default_dtype(device))
     cfg = OFTConfig.from_hf_config(read_json(root / "config.json", "config.json"))
     stats_path = root / "dataset_statistics.json"
     norm_stats = read_json(stats_path, "dataset statistics") if stats_path.exists() else cfg.hf_config.get("norm_stats")
     if not norm_stats:
+        if stats_path.exists():
+            raise CheckpointError(f"no dataset statistics: '{stats_path}' holds none (an empty mapping)")
         raise CheckpointError(f"no dataset statistics: '{stats_path}' is missing and config.json has no norm_stats")
     files = weight_files(root)
     head_path, head_state = _load_pt(root, ACTION_HEAD_GLOB, "action head")
@@ -336,8 +347,7 @@ def random_policy(preset_name: str = "tiny", *, device="cpu", dtype=torch.float3
                   cfg: OFTConfig | None = None, **policy_kwargs) -> Policy:
     """A policy of the real architecture with RANDOM weights (no download): demos, tests, benchmarks."""
     cfg = cfg or preset(preset_name)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+    dtype = _check_dtype(dtype)
     model = init_random_(build_model(cfg, torch.device(device), dtype), seed)
     return Policy(model, norm_stats=synthetic_stats(cfg), tokenizer=ByteTokenizer(), random_weights=True,
                   source=f"random:{preset_name}", **policy_kwargs)

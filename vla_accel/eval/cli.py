@@ -9,6 +9,11 @@
 Config groups (vla_accel/configs): policy, env, eval, prune, runtime, hydra/launcher.
 Writes into the run dir: run.json, results.jsonl (one line per finished episode), results.json,
 summary.txt, videos/ (eval.video=true). Full guide: docs/evaluation.md.
+
+Exit status (a single run): 0 every episode recorded, none with an error; 2 configuration or input
+error (one message, nothing ran); 3 stopped early by errors (results.json says why and names the
+episodes not run); 4 ran to the end, but episodes are recorded with an error or missing; 130
+interrupted (Ctrl-C); 1 an unexpected internal error (a bug: traceback).
 """
 
 from __future__ import annotations
@@ -24,10 +29,17 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from vla_accel.eval import results as R
-from vla_accel.eval.config import ConfigError, RunConfig, fingerprint, run_config_from_hydra
+from vla_accel.eval.config import ConfigError, RunConfig, describe_changes, fingerprint, run_config_from_hydra
 from vla_accel.eval.shard import EpisodeKey, build_selection, shard_selection
 
 log = logging.getLogger("vla_accel.eval")
+
+EXIT_OK = 0              # every episode of the shard recorded, none with an error
+EXIT_INTERNAL = 1        # an unexpected exception (a bug); the traceback is printed
+EXIT_CONFIG = 2          # configuration or input error: one message, no traceback, nothing ran
+EXIT_STOPPED = 3         # stopped early: errors in a row, policy faults, simulator workers, results not writable
+EXIT_INCOMPLETE = 4      # ran to the end, but episodes are recorded with an error or missing
+EXIT_INTERRUPTED = 130   # Ctrl-C (SIGINT)
 
 RANDOM_WEIGHTS_NOTE = ("NOTE: the policy has RANDOM weights (policy=random_tiny, no download): the success "
                        "rates of this run say nothing about OpenVLA-OFT. For real numbers: policy=checkpoint "
@@ -67,24 +79,39 @@ def render_env(render_threads: int | None) -> dict[str, str]:
 
 
 def _check_run_dir(run_dir: Path, info: dict, resume: bool) -> None:
-    """A run dir holds one evaluation: refuse to mix results of different settings."""
+    """A run dir holds one evaluation: refuse to mix results of different settings, or to write where
+    nothing can be written."""
     old = run_dir / R.RUN_FILE
     if old.exists():
         import json
 
         prev = json.loads(old.read_text())
         if prev.get("fingerprint") != info["fingerprint"]:
-            a, b = prev.get("fingerprint_fields", {}), info["fingerprint_fields"]
-            diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-            raise ConfigError(f"{run_dir} holds results of a different evaluation (differs in: "
-                              f"{', '.join(diff) or 'unknown'}). Use another hydra.run.dir, or the same "
-                              "settings to resume.")
+            changes = describe_changes(prev.get("fingerprint_fields", {}), info["fingerprint_fields"])
+            raise ConfigError(f"{run_dir} holds results of a different evaluation; changed (run dir -> now):\n  "
+                              + "\n  ".join(changes or ["(unknown: the run dir's run.json has no fields)"])
+                              + "\nUse another hydra.run.dir, or the same settings to resume.")
         if prev.get("shard") != info["shard"]:
-            raise ConfigError(f"{run_dir} holds shard {prev.get('shard')}, not shard {info['shard']}; "
+            raise ConfigError(f"{run_dir} holds eval.shard={prev.get('shard')}, not eval.shard={info['shard']}; "
                               "use another hydra.run.dir")
     if not resume and R.read_records(run_dir / R.RESULTS_FILE):
         raise ConfigError(f"{run_dir / R.RESULTS_FILE} already has episodes and eval.resume=false would run "
                           "them again; use a new hydra.run.dir or eval.resume=true")
+    problem = unwritable(run_dir)
+    if problem:
+        raise ConfigError(problem)
+
+
+def unwritable(path: Path) -> str | None:
+    """Why nothing can be written at `path` (a dir, created if missing), or None."""
+    existing = next((p for p in [path, *path.parents] if p.exists()), None)
+    if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        return f"cannot write into {path} ({existing} is not a writable directory); use another hydra.run.dir"
+    for name in (R.RESULTS_FILE, R.RUN_FILE, R.SUMMARY_FILE):
+        f = path / name
+        if f.exists() and not os.access(f, os.W_OK):
+            return f"cannot write {f} (read-only); use another hydra.run.dir or make it writable"
+    return None
 
 
 def _bars(enabled: bool, selection: list[EpisodeKey], done: set[EpisodeKey], records: list[dict]):
@@ -124,7 +151,8 @@ def _bars(enabled: bool, selection: list[EpisodeKey], done: set[EpisodeKey], rec
 
 
 def run_eval(cfg: DictConfig) -> dict:
-    """The evaluation behind `vla-accel-eval`; returns the summary written to results.json."""
+    """The evaluation behind `vla-accel-eval`; returns the summary written to results.json, whose
+    `exit_status` is the process's exit status. Configuration and input errors raise ConfigError."""
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
@@ -134,49 +162,52 @@ def run_eval(cfg: DictConfig) -> dict:
     egl_device_for_workers()
 
     # 1. what to run (bad suite / task / episode fails here, listing the valid values)
-    from vla_accel.eval.factory import LiberoCatalog, build_actor, device_name, env_factory, resolve_assets
+    from vla_accel.eval import factory as F
 
-    catalog = LiberoCatalog()
+    catalog = F.LiberoCatalog()
     selection = build_selection(ev.suites, ev.task_ids, ev.episodes, ev.num_episodes,
                                 valid_suites=catalog.suites, num_tasks=catalog.num_tasks,
                                 num_init_states=catalog.num_init_states)
     mine = shard_selection(selection, ev.shard, ev.num_shards)
     # 2. assets (a missing folder fails naming env.assets_path and the env variable)
-    assets = resolve_assets(rc)
-
-    fields = rc.fingerprint_fields(selection)
+    assets = F.resolve_assets(rc)
+    # 3. the run dir: the same evaluation (identity without device or scheduling), writable
+    unnorm_key = ev.suites[0] if len(ev.suites) == 1 else None
+    fields = rc.fingerprint_fields(selection, F.policy_identity(rc.policy, unnorm_key))
     info = {"fingerprint": fingerprint(fields), "fingerprint_fields": fields, "shard": ev.shard,
             "num_shards": ev.num_shards, "episodes_in_shard": len(mine), "episodes_total": len(selection),
             "config": OmegaConf.to_container(cfg, resolve=True)}
     _check_run_dir(run_dir, info, ev.resume)
-
     previous = R.read_records(run_dir / R.RESULTS_FILE)
     done = R.done_keys(previous, ev.retry_errors) & set(mine)
     todo = [k for k in mine if k not in done]
 
-    # 3. the policy, before any simulator starts (a bad checkpoint fails here with the loader's error)
-    unnorm_key = ev.suites[0] if len(ev.suites) == 1 else None
-    actor = build_actor(rc, unnorm_key=unnorm_key)
+    # 4. the policy and what it needs (tokenizer, prompt length), before any simulator starts
+    actor = F.build_actor(rc, unnorm_key=unnorm_key)
+    F.check_prompts(actor, [catalog.instruction(s, t) for s, t in dict.fromkeys((k.suite, k.task_id) for k in todo)])
     desc = dict(actor.describe())
-    device = desc.get("device_name") or device_name(str(desc.get("device", "cpu")))  # device_name: remote policy
-    random_weights = bool(desc.get("random_weights"))
-    R.write_json(run_dir / R.RUN_FILE, info)      # only now: a failed policy load leaves the dir reusable
+    device = desc.get("device_name") or F.device_name(str(desc.get("device", "cpu")))  # device_name: remote policy
+    try:
+        R.write_json(run_dir / R.RUN_FILE, info)      # only now: a failed policy load leaves the dir reusable
+        writer = R.ResultsWriter(run_dir / R.RESULTS_FILE)
+    except OSError as err:
+        raise ConfigError(f"cannot write into the run dir {run_dir}: {err.strerror or err}; use another "
+                          "hydra.run.dir") from None
     num_envs = min(ev.num_envs, max(1, len(todo)))
     log.info("run dir: %s", run_dir)
     log.info("policy: %s on %s%s", {k: desc[k] for k in list(desc)[:8]}, device,
              f" (CUDA_VISIBLE_DEVICES={pinned})" if pinned else "")
-    if random_weights:
+    if desc.get("random_weights"):
         log.warning(RANDOM_WEIGHTS_NOTE)
     log.info("episodes: %d selected, shard %d/%d has %d, %d already done, %d to run on %d env(s)",
              len(selection), ev.shard, ev.num_shards, len(mine), len(done), len(todo), num_envs)
 
-    # 4. rollouts
-    from vla_accel.eval.runner import RolloutRunner, RunStats, TooManyErrors
+    # 5. rollouts
+    from vla_accel.eval.runner import RolloutRunner, RunStats, RunStopped
 
     task_names = {(k.suite, k.task_id): catalog.task_name(k.suite, k.task_id) for k in mine}
     update, close_bars = _bars(ev.progress, mine, done, [r for r in previous if R.key_of(r) in done])
-    stats, interrupted, stopped = RunStats(), False, ""
-    writer = R.ResultsWriter(run_dir / R.RESULTS_FILE)
+    stats, interrupted, stopped = RunStats(), False, None
 
     def on_episode(record: dict) -> None:
         writer.append(record)
@@ -185,82 +216,173 @@ def run_eval(cfg: DictConfig) -> dict:
             log.warning("%s/task%d/ep%d failed with an error:\n%s", record["suite"], record["task_id"],
                         record["episode"], record["error"])
 
+    runner = None
     try:
         if todo:
             runner = RolloutRunner(
-                actor, env_factory(rc, assets), num_envs=ev.num_envs, on_episode=on_episode,
+                actor, F.env_factory(rc, assets), num_envs=ev.num_envs, on_episode=on_episode,
                 task_names=task_names, seed=ev.seed, warmup_chunks=ev.warmup_chunks,
                 video_dir=run_dir / "videos" if ev.video else None, video_fps=ev.video_fps,
                 trace_path=ev.record_trace, step_timeout_s=ev.step_timeout_s, context=ev.worker_context,
                 record_fields={"shard": ev.shard, "num_shards": ev.num_shards},
                 max_consecutive_errors=ev.max_consecutive_errors,
                 worker_env=render_env(ev.render_threads))
-            try:
-                stats = runner.run(todo)
-            finally:
-                stats = runner.stats
+            runner.run(todo)
     except KeyboardInterrupt:
         interrupted = True
-    except TooManyErrors as err:
+    except (RunStopped, R.ResultsWriteError) as err:
         stopped = str(err)
     finally:
         writer.close()
         close_bars()
-        summary = write_summary(run_dir, mine, info, desc, device, stats, num_envs, interrupted)
-    if interrupted:
-        log.warning("interrupted: %d episode(s) are in %s; run the same command with hydra.run.dir=%s "
-                    "to resume", summary["success"]["average"]["episodes"], run_dir / R.RESULTS_FILE, run_dir)
-        raise SystemExit(130)
-    if stopped:
-        log.error("stopped: %s\nFix the cause, then run the same command with hydra.run.dir=%s "
-                  "eval.retry_errors=true to redo the failed episodes.", stopped, run_dir)
-        raise SystemExit(3)
+        stats = runner.stats if runner is not None else stats
+        summary = write_summary(run_dir, mine, info, desc, device, stats, num_envs, interrupted, stopped)
+    _report(summary, run_dir)
     return summary
 
 
+def exit_status(summary: dict) -> int:
+    if summary["interrupted"]:
+        return EXIT_INTERRUPTED
+    if summary["stopped"]:
+        return EXIT_STOPPED
+    return EXIT_OK if summary["complete"] else EXIT_INCOMPLETE
+
+
+def _report(summary: dict, run_dir: Path) -> None:
+    """The closing message for each non-zero exit status: what happened, what to do."""
+    status = summary["exit_status"]
+    again = f"run the same command with hydra.run.dir={run_dir}"
+    if status == EXIT_INTERRUPTED:
+        log.warning("interrupted: %d episode(s) are in %s; %s to resume",
+                    summary["success"]["average"]["episodes"], run_dir / R.RESULTS_FILE, again)
+    elif status == EXIT_STOPPED:
+        log.error("stopped: %s\n%d episode(s) not run. Fix the cause, then %s eval.retry_errors=true to run "
+                  "them and redo the failed ones.", summary["stopped"], len(summary["missing"]), again)
+    elif status == EXIT_INCOMPLETE:
+        log.error("not clean: %d episode(s) recorded with an error, %d missing (results.json: errors, missing); "
+                  "%s eval.retry_errors=true to run them again.", len(summary["errors"]), len(summary["missing"]),
+                  again)
+
+
+def _throughput(run_dir: Path, stats, num_envs: int) -> dict:
+    """Rollout throughput over every session of this run dir that ran episodes (a re-run that had
+    nothing left to do keeps the figures)."""
+    import json
+
+    sessions = []
+    try:
+        sessions = json.loads((run_dir / R.SUMMARY_FILE).read_text()).get("throughput", {}).get("sessions", [])
+    except (OSError, ValueError, AttributeError):
+        pass
+    if stats.episodes:
+        sessions = sessions + [{"episodes": stats.episodes, "wall_s": round(stats.wall_s, 3), "num_envs": num_envs,
+                                "worker_restarts": stats.worker_restarts}]
+    episodes = sum(s["episodes"] for s in sessions)
+    wall_s = sum(s["wall_s"] for s in sessions)
+    return {"episodes": episodes, "wall_s": wall_s,
+            "episodes_per_hour": 3600.0 * episodes / wall_s if wall_s > 0 else 0.0,
+            "num_envs": sessions[-1]["num_envs"] if sessions else num_envs,
+            "worker_restarts": sum(s["worker_restarts"] for s in sessions), "sessions": sessions}
+
+
 def write_summary(run_dir: Path, mine: list[EpisodeKey], info: dict, desc: dict, device: str, stats,
-                  num_envs: int, interrupted: bool) -> dict:
-    """results.json + summary.txt from everything in results.jsonl for this shard; prints the tables."""
+                  num_envs: int, interrupted: bool, stopped: str | None = None) -> dict:
+    """results.json + summary.txt from everything in results.jsonl for this shard; prints the tables.
+
+    On a full disk the summary files keep their previous version (atomic writes) and the returned
+    summary's `stopped` says so."""
     latest, duplicates = R.effective_records(R.read_records(run_dir / R.RESULTS_FILE))
     wanted = set(mine)
     records = [latest[k] for k in sorted(latest) if k in wanted]
     missing = sorted(wanted - set(latest))
-    throughput = {"episodes": stats.episodes, "wall_s": stats.wall_s, "episodes_per_hour": stats.episodes_per_hour,
-                  "num_envs": num_envs, "worker_restarts": stats.worker_restarts}
+    errors = [{"episode": R.key_of(r).label(), "error": (r["error"].strip().splitlines() or [""])[-1]}
+              for r in records if r.get("error")]
+    throughput = _throughput(run_dir, stats, num_envs)
     summary = {
-        "complete": not missing and not interrupted,
+        "complete": not missing and not errors,    # every episode recorded, none with an error
         "interrupted": interrupted,
+        "stopped": stopped,
         "shard": info["shard"], "num_shards": info["num_shards"],
         "episodes_in_shard": len(mine), "episodes_total": info["episodes_total"],
         "missing": [list(k) for k in missing],
         "duplicates": [list(k) for k in duplicates],
-        "errors": [{"episode": R.key_of(r).label(), "error": (r["error"].strip().splitlines() or [""])[-1]}
-                   for r in records if r.get("error")],
+        "errors": errors,
         "policy": desc, "random_weights": bool(desc.get("random_weights")), "device": device,
         **R.summarize(records),
         "throughput": throughput,
         "fingerprint": info["fingerprint"],
     }
-    R.write_json(run_dir / R.SUMMARY_FILE, summary)
     notes = []
     if missing:
-        notes.append(f"not done yet: {len(missing)} episode(s): {R.describe_keys(missing, 8)}")
+        notes.append(f"not done: {len(missing)} episode(s): {R.describe_keys(missing, 8)}")
+    if errors:
+        notes.append(f"recorded with an error: {len(errors)} episode(s): "
+                     f"{R.describe_keys([R.key_of(r) for r in records if r.get('error')], 8)}")
     if summary["random_weights"]:
         notes.append(RANDOM_WEIGHTS_NOTE)
     notes.append(f"results: {run_dir / R.RESULTS_FILE} ({len(records)} episodes), summary: {run_dir / R.SUMMARY_FILE}")
     table = R.format_tables(summary, device=device, throughput=throughput, notes=notes)
-    (run_dir / R.TABLE_FILE).write_text(table + "\n")
+    summary["exit_status"] = exit_status(summary)
+    try:
+        R.write_json(run_dir / R.SUMMARY_FILE, summary)
+        R.write_atomic(run_dir / R.TABLE_FILE, table + "\n")
+    except OSError as err:            # a full disk: the previous results.json, if any, stays as it was
+        note = f"{run_dir / R.SUMMARY_FILE} not updated: {err.strerror or err}"
+        summary["stopped"] = f"{stopped}\n({note})" if stopped else note
+        summary["exit_status"] = exit_status(summary)
     print(table, flush=True)
     return summary
 
 
+class _Exit(SystemExit):
+    """An exit status decided here (Hydra's own failures exit through a plain SystemExit(1))."""
+
+
 @hydra.main(version_base="1.3", config_path="pkg://vla_accel.configs", config_name="evaluate")
-def main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> None:
     try:
-        run_eval(cfg)
+        status = run_eval(cfg)["exit_status"]
     except ConfigError as err:
         print(f"vla-accel-eval: error: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+        raise _Exit(EXIT_CONFIG) from None
+    except KeyboardInterrupt:
+        print("vla-accel-eval: interrupted before any episode ran", file=sys.stderr, flush=True)
+        raise _Exit(EXIT_INTERRUPTED) from None
+    except Exception:
+        log.exception("internal error (a bug; please report it with this traceback)")
+        raise _Exit(EXIT_INTERNAL) from None
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    if status and not (multirun and status == EXIT_INCOMPLETE):   # a sweep goes on past episode errors
+        raise _Exit(status)
+
+
+def _output_dir_problem(argv: list[str]) -> str | None:
+    """A run / sweep dir given on the command line that cannot be written (checked before Hydra,
+    which would fail with a traceback opening its log file there)."""
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    key = "hydra.sweep.dir=" if multirun else "hydra.run.dir="
+    given = [a[len(key):].strip("'\"") for a in argv if a.startswith(key)]
+    return unwritable(Path(given[-1])) if given and "$" not in given[-1] else None
+
+
+def main() -> None:
+    """Console entry point; exit statuses as in the module doc."""
+    argv = sys.argv[1:]
+    problem = _output_dir_problem(argv)
+    if problem:
+        print(f"vla-accel-eval: error: {problem}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_CONFIG)
+    try:
+        _hydra_main()
+    except _Exit:
+        raise
+    except SystemExit as exc:
+        # Hydra's own failures (unknown config option, bad override, ...) are input errors; it printed
+        # why. In a --multirun, 1 may also mean that a job failed: left as it is.
+        if exc.code == 1 and not any(a in ("-m", "--multirun") for a in argv):
+            raise SystemExit(EXIT_CONFIG) from None
+        raise
 
 
 if __name__ == "__main__":

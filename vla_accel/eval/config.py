@@ -14,10 +14,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from vla_accel._config import build_dataclass
-
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
+
+from vla_accel._config import build_dataclass
 
 
 class ConfigError(ValueError):
@@ -85,7 +85,7 @@ class EnvConfig:
     assets_path: str | None = None       # LIBERO asset folder; null: the env var named by vla_accel.envs.ASSETS_ENV_VAR, else LIBERO's default
     settle_steps: int = 10               # no-op steps at episode start (not counted in max steps)
     max_steps: int | None = None         # cap on policy steps per episode; null: the suite's protocol value (220/280/300/520/400)
-    fault_step: int | None = None        # TESTING ONLY: the env raises at this step of the episodes listed in fault_episodes
+    fault_step: int | None = None        # TESTING ONLY: the env raises at this step of the episodes listed in fault_episodes (not part of the run identity)
     fault_episodes: list[int] = field(default_factory=list)  # TESTING ONLY: episode indices that fault at fault_step
 
     def __post_init__(self) -> None:
@@ -121,7 +121,7 @@ class EvalConfig:
     pin_gpu_by_job: bool = True          # under submitit_local with several visible GPUs: job k keeps only GPU (k mod #GPUs)
     render_threads: int | None = None    # Mesa llvmpipe (CPU EGL) threads per simulator (LP_NUM_THREADS); null: Mesa's default; GPU EGL ignores it
     max_consecutive_errors: int = 10     # stop the run after this many episodes in a row end with an error (0: never)
-    step_timeout_s: float = 900.0        # a simulator worker silent this long is treated as crashed
+    step_timeout_s: float = 900.0        # a simulator worker silent this long in a reset or step is stopped (terminate, kill) and replaced; its episode runs again (start-up: at least 120 s)
     worker_context: str = "spawn"        # multiprocessing start method of the simulator workers: spawn | forkserver
 
     def __post_init__(self) -> None:
@@ -168,11 +168,18 @@ class RunConfig:
     prune: dict[str, Any]                # open mapping owned by vla_accel.prune; `name: none` = no pruning
     runtime: dict[str, Any]              # open mapping owned by vla_accel.runtime; `name: reference` = plain PyTorch
 
-    def fingerprint_fields(self, selection: list) -> dict[str, Any]:
-        """Everything that decides the outcome of the evaluation (not how it is scheduled)."""
+    def fingerprint_fields(self, selection: list, policy: dict[str, Any]) -> dict[str, Any]:
+        """The evaluation's identity: what decides its results, not where or how it ran.
+
+        policy: the policy's identity (factory.policy_identity: weights, resolved dtype, statistics
+        key). Left out on purpose: policy.device (the device index does not change results),
+        eval.num_envs and the other scheduling fields, env.assets_path (the same assets mounted
+        elsewhere), the testing-only env.fault_* fields and the labels (policy.name).
+        """
+        env = dataclasses.asdict(self.env)
         return {
-            "policy": dataclasses.asdict(self.policy),
-            "env": dataclasses.asdict(self.env),
+            "policy": policy,
+            "env": {k: env[k] for k in ("name", "image_size", "settle_steps", "max_steps")},
             "prune": self.prune,
             "runtime": self.runtime,
             "seed": self.eval.seed,
@@ -184,6 +191,30 @@ class RunConfig:
 def fingerprint(fields: dict[str, Any]) -> str:
     blob = json.dumps(fields, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _flat(fields: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(fields, dict):
+        return {prefix: fields}
+    out: dict[str, Any] = {}
+    for k, v in fields.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def describe_changes(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """'field: <value before> -> <value now>' for every field of two identities that differs."""
+    a, b = _flat(before), _flat(now)
+    lines = []
+    for k in sorted(set(a) | set(b)):
+        old, new = a.get(k, "(not set)"), b.get(k, "(not set)")
+        if old == new:
+            continue
+        if k == "selection" and isinstance(old, list) and isinstance(new, list):
+            lines.append(f"selection: {len(old)} episodes -> {len(new)} episodes")
+        else:
+            lines.append(f"{k}: {json.dumps(old, default=str)} -> {json.dumps(new, default=str)}")
+    return lines
 
 
 def _group(cfg: DictConfig, name: str) -> dict[str, Any]:

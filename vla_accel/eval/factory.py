@@ -1,24 +1,27 @@
 """Building what an evaluation needs from its settings: the actor, the env factory, the catalog.
 
     actor = build_actor(run_cfg)             # policy (random or checkpoint) -> runtime -> prune/chunked actor
-    make_env = env_factory(run_cfg)          # picklable: make_env(suite, task_id) -> gym.Env (runs in workers)
+    check_prompts(actor, instructions)       # the tokenizer works and every prompt fits the model
+    make_env = env_factory(run_cfg, assets)  # picklable: make_env(suite, task_id) -> gym.Env (runs in workers)
 
-The policy is built before any simulator starts, so a bad checkpoint fails fast with the loader's
-own error. Runtime and pruning modules are imported only when selected.
+Everything here runs before any simulator starts, and every problem with the settings or the
+checkpoint comes out as a ConfigError that names the setting (vla-accel-eval: exit status 2).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import platform
 from functools import partial
+from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
 
-from vla_accel.eval.config import ConfigError, RunConfig, run_config_from_hydra
-
+from vla_accel.eval.config import ConfigError, PolicyConfig, RunConfig, run_config_from_hydra
 
 # ---- policy / actor ---------------------------------------------------------------------------
 
@@ -60,10 +63,55 @@ def device_name(device: str) -> str:
     return f"{model} ({os.cpu_count()} cores)"
 
 
-def _open_cfg(values: dict) -> Any:
-    from omegaconf import OmegaConf
+def policy_identity(cfg: PolicyConfig, unnorm_key: str | None) -> dict:
+    """What of the policy settings decides the results: the weights, the compute dtype (resolved:
+    `auto` is bfloat16 on CUDA, float32 on CPU) and the statistics key; not the device it runs on."""
+    dtype = str(resolve_dtype(cfg.dtype, resolve_device(cfg.device))).replace("torch.", "")
+    if cfg.random:
+        return {"random": True, "preset": cfg.preset, "seed": cfg.seed, "dtype": dtype}
+    return {"random": False, "checkpoint": checkpoint_identity(cfg.checkpoint), "dtype": dtype,
+            "unnorm_key": cfg.unnorm_key or unnorm_key}
 
-    return OmegaConf.create(values)
+
+def checkpoint_identity(source: str) -> str:
+    """The checkpoint's content in a short hash, without reading the weights: for a local directory
+    its small files (config, statistics, tokenizer: *.json, *.model) and the names and sizes of the
+    weight files; for a hub id, the id. A copy elsewhere has the same identity."""
+    root = Path(source).expanduser()
+    if not root.is_dir():
+        return f"hub:{source}"
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.iterdir() if p.is_file()):
+        h.update(f.name.encode() + b"\0")
+        if f.suffix in (".json", ".model"):
+            h.update(f.read_bytes())
+        else:
+            h.update(str(f.stat().st_size).encode())
+    return f"dir:{h.hexdigest()[:16]}"
+
+
+def prune_names() -> list[str]:
+    """The prune settings shipped in vla_accel/configs/prune."""
+    return sorted(p.name[:-5] for p in resources.files("vla_accel.configs").joinpath("prune").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def check_prune_runtime(cfg: RunConfig) -> None:
+    """The prune and runtime mappings are valid (before the policy loads)."""
+    from vla_accel.prune import PruneConfigError, SpecPruneConfig
+    from vla_accel.runtime import RuntimeConfig, RuntimeConfigError
+
+    name = cfg.prune["name"]
+    if name != "none" and set(cfg.prune) == {"name"}:
+        raise ConfigError(f"prune.name={name} names no pruning settings (the prune group holds only a name); "
+                          f"choose a prune config with prune=<name>: {', '.join(prune_names())}")
+    try:
+        if name != "none":
+            SpecPruneConfig.from_dict(cfg.prune)
+        RuntimeConfig.from_dict(cfg.runtime)
+    except (PruneConfigError, RuntimeConfigError) as err:
+        group = "prune" if isinstance(err, PruneConfigError) else "runtime"
+        raise ConfigError(f"{group}={getattr(cfg, group)['name']}: {err}") from None
 
 
 def build_actor(cfg: Any, *, unnorm_key: str | None = None):
@@ -76,29 +124,49 @@ def build_actor(cfg: Any, *, unnorm_key: str | None = None):
         return remote_actor(cfg)
     import vla_accel
     from vla_accel.policy import ChunkedActor
+    from vla_accel.prune import PruneConfigError, make_actor
+    from vla_accel.runtime import RuntimeConfigError, make_executor
 
+    check_prune_runtime(cfg)
     device = resolve_device(cfg.policy.device)
     dtype = resolve_dtype(cfg.policy.dtype, device)
     if cfg.policy.random:
         policy = vla_accel.random_policy(cfg.policy.preset, device=device, dtype=dtype, seed=cfg.policy.seed)
     else:
-        policy = vla_accel.load_policy(cfg.policy.checkpoint, device=device, dtype=dtype,
-                                       unnorm_key=cfg.policy.unnorm_key or unnorm_key)
-    if cfg.runtime["name"] != "reference":
         try:
-            from vla_accel.runtime import make_executor
-        except ImportError as err:
-            raise ConfigError(f"runtime={cfg.runtime['name']} needs vla_accel.runtime.make_executor, "
-                              f"which cannot be imported ({err}); use runtime=reference") from err
-        policy = make_executor(policy, _open_cfg(cfg.runtime))
-    if cfg.prune["name"] != "none":
+            policy = vla_accel.load_policy(cfg.policy.checkpoint, device=device, dtype=dtype,
+                                           unnorm_key=cfg.policy.unnorm_key or unnorm_key)
+        except (vla_accel.CheckpointError, ValueError) as err:
+            raise ConfigError(f"policy.checkpoint={cfg.policy.checkpoint} cannot be loaded: {err}") from None
+    try:
+        if cfg.runtime["name"] != "reference":
+            policy = make_executor(policy, cfg.runtime)
+        return make_actor(policy, cfg.prune) if cfg.prune["name"] != "none" else ChunkedActor(policy)
+    except (PruneConfigError, RuntimeConfigError) as err:   # settings that do not fit this model
+        group = "prune" if isinstance(err, PruneConfigError) else "runtime"
+        raise ConfigError(f"{group}={getattr(cfg, group)['name']} does not fit this policy: {err}") from None
+
+
+def check_prompts(actor: Any, instructions: list[str]) -> None:
+    """The policy's tokenizer encodes every instruction and each prompt fits the model's positions."""
+    from vla_accel.tokenizer import tokenize_prompt, with_empty_token
+
+    policy = getattr(actor, "policy", None)
+    if policy is None or not hasattr(policy, "cfg"):
+        return                                   # an actor without a vla_accel Policy (tests' fakes)
+    cfg = policy.cfg
+    if getattr(policy, "tokenizer", None) is None:
+        raise ConfigError("the policy has no tokenizer, so it cannot read the task instructions")
+    for text in dict.fromkeys(instructions):
         try:
-            from vla_accel.prune import make_actor
-        except ImportError as err:
-            raise ConfigError(f"prune={cfg.prune['name']} needs vla_accel.prune.make_actor, "
-                              f"which cannot be imported ({err}); use prune=none") from err
-        return make_actor(policy, _open_cfg(cfg.prune))
-    return ChunkedActor(policy)
+            ids = tokenize_prompt(policy.tokenizer, text)
+        except Exception as err:
+            raise ConfigError(f"the policy cannot tokenize the task instruction {text!r}: {err}") from None
+        # backbone sequence: prompt (+ the empty token) + patches + proprio + action placeholders + stop
+        tokens = len(with_empty_token(ids, cfg.empty_id)) + cfg.num_patch_tokens + cfg.num_action_tokens + 1
+        if tokens > cfg.llm.max_positions:
+            raise ConfigError(f"the instruction {text!r} makes a sequence of {tokens} tokens; the model has "
+                              f"{cfg.llm.max_positions} positions (max_position_embeddings)")
 
 
 # ---- environments -----------------------------------------------------------------------------
@@ -175,3 +243,6 @@ class LiberoCatalog:
 
     def task_name(self, suite: str, task_id: int) -> str:
         return self._envs.task_names(suite)[task_id]
+
+    def instruction(self, suite: str, task_id: int) -> str:
+        return self._envs.task_instruction(suite, task_id)

@@ -4,10 +4,11 @@
     vla-accel-merge outputs/shard0 outputs/shard1 --out merged/    # also writes merged results.jsonl/json
 
 Runs are grouped by evaluation (same policy, env, prune, runtime, seed, selection and number of
-shards; the shard index and scheduling settings such as eval.num_envs do not matter). For each
+shards; the shard index, the device and scheduling settings such as eval.num_envs do not matter). For each
 group it prints the success and latency tables of a single run, then lists episodes that are
 missing (not in any shard's results.jsonl), duplicated (in more than one place) or unexpected.
-Exit status: 0 when every group is complete and has no duplicates, 1 otherwise, 2 on bad input.
+Exit status: 0 when every group is complete and has no duplicates, 1 otherwise, 2 on bad input
+(including an --out dir that holds a run's results: merge never replaces them).
 """
 
 from __future__ import annotations
@@ -170,13 +171,27 @@ def format_report(report: MergeReport, label: str = "") -> str:
     return "\n".join(lines)
 
 
+def check_out_dir(out: Path) -> str | None:
+    """Why the merged results may not be written into `out` (it would replace a run's results), or None."""
+    if (out / R.RUN_FILE).exists():
+        return (f"--out {out} is a run dir of vla-accel-eval (it has {R.RUN_FILE}); writing there would replace "
+                "that run's results. Give a new or empty dir")
+    summary = out / R.SUMMARY_FILE
+    if (out / R.RESULTS_FILE).exists() or summary.exists():
+        try:
+            merged_before = "runs" in json.loads(summary.read_text())     # a summary written by this command
+        except (OSError, ValueError, TypeError):
+            merged_before = False
+        if not merged_before:
+            return (f"--out {out} already holds {R.RESULTS_FILE} / {R.SUMMARY_FILE} that vla-accel-merge did not "
+                    "write; refusing to replace them. Give a new or empty dir")
+    return None
+
+
 def write_merged(report: MergeReport, out: Path) -> None:
+    """results.jsonl and results.json into `out` (checked with check_out_dir), each replaced atomically."""
     out.mkdir(parents=True, exist_ok=True)
-    if (out / R.RESULTS_FILE).exists():
-        (out / R.RESULTS_FILE).unlink()
-    with R.ResultsWriter(out / R.RESULTS_FILE) as w:
-        for record in report.records:
-            w.append(record)
+    R.write_atomic(out / R.RESULTS_FILE, "".join(R.record_line(r) for r in report.records))
     R.write_json(out / R.SUMMARY_FILE, report.summary)
 
 
@@ -195,6 +210,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out is not None and len(reports) > 1:
         print(f"vla-accel-merge: error: --out takes one evaluation, but the dirs hold {len(reports)} "
               "different ones (different settings); merge them separately", file=sys.stderr)
+        return 2
+    problem = check_out_dir(args.out) if args.out is not None else None
+    if problem:
+        print(f"vla-accel-merge: error: {problem}", file=sys.stderr)
         return 2
     for report in reports:
         print(format_report(report, _group_label(report, reports)))

@@ -18,12 +18,12 @@ import json
 import logging
 import math
 import os
-from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from vla_accel.eval import faults
 from vla_accel.eval.shard import EpisodeKey
 
 log = logging.getLogger(__name__)
@@ -46,8 +46,25 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
+def record_line(record: dict) -> str:
+    """One results.jsonl line (with its newline)."""
+    return json.dumps(record, default=_json_default) + "\n"
+
+
+class ResultsWriteError(RuntimeError):
+    """results.jsonl could not be written (disk full, read-only, ...); what was written before is intact."""
+
+    def __init__(self, message: str, errno: int | None):
+        super().__init__(message)
+        self.errno = errno
+
+
 class ResultsWriter:
-    """Appends one record per line; each line is on disk (fsync) before append() returns."""
+    """Appends one record per line; each line is on disk (fsync) before append() returns.
+
+    A failed append (a full disk) cuts the file back to where the line began, so the file holds
+    only whole records, and raises ResultsWriteError with one message that says what to do.
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -57,14 +74,29 @@ class ResultsWriter:
             with open(self.path, "rb") as f:
                 f.seek(-1, os.SEEK_END)
                 needs_newline = f.read(1) != b"\n"   # a line cut by a crash: start a fresh line
-        self._file = open(self.path, "a", encoding="utf-8")
+        self._file = open(self.path, "ab", buffering=0)
+        self.appended = 0
         if needs_newline:
-            self._file.write("\n")
+            self._write(b"\n")
 
     def append(self, record: dict) -> None:
-        self._file.write(json.dumps(record, default=_json_default) + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        self._write(record_line(record).encode("utf-8"))
+        self.appended += 1
+
+    def _write(self, data: bytes) -> None:
+        start = os.fstat(self._file.fileno()).st_size
+        try:
+            faults.write(self._file, data)
+            os.fsync(self._file.fileno())
+        except OSError as err:
+            try:
+                os.ftruncate(self._file.fileno(), start)
+            except OSError:
+                pass
+            raise ResultsWriteError(
+                f"cannot write {self.path}: {err.strerror or err}. The episodes recorded before are intact "
+                f"({self.appended} in this session); free space or fix the permissions, then run the same "
+                "command again to resume", err.errno) from err
 
     def close(self) -> None:
         if not self._file.closed:
@@ -281,23 +313,24 @@ def format_tables(summary: dict, *, device: str | None = None, throughput: dict 
     return "\n".join(lines)
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON atomically (temp file + rename) so a crash never leaves half a summary."""
+def write_atomic(path: str | os.PathLike, text: str) -> None:
+    """Replace `path` by `text` atomically (temp file + fsync + rename): a crash or a full disk leaves
+    the old file or the new one, never half of one."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, default=_json_default)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
-def group_keys(keys: Iterable[EpisodeKey]) -> dict[str, list[EpisodeKey]]:
-    out: dict[str, list[EpisodeKey]] = defaultdict(list)
-    for k in keys:
-        out[k.suite].append(k)
-    return out
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    write_atomic(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
 
 
 def describe_keys(keys: Sequence[EpisodeKey], limit: int = 20) -> str:

@@ -1,166 +1,73 @@
 """Vectorized LIBERO rollouts: N simulators in subprocesses, one batched policy call per step.
 
-Main process                                    worker k (gymnasium AsyncVectorEnv, spawn)
-  queue of (suite, task, episode) jobs           EpisodeSlot: runs one episode at a time
-  actor.act_batch(obs of active streams)  ---->    step(action): simulator step, or nothing when idle
-  finished slot: set_attr("job") + reset(mask) ->  reset(): start the job's episode (task switch inside)
+Main process                                     simulator worker k (workers.py: WorkerPool, spawn)
+  queue of (suite, task, episode) jobs             EpisodeSlot: runs one episode at a time
+  actor.act_batch(obs of active streams)           step(action): one simulator step
+  finished slot: its next job           ------->   reset(job): start that episode (task switch inside)
 
 Chunks are executed open loop: the actor owns one action queue per stream (= slot index) and
-runs ONE forward for all streams whose queue is empty. Autoreset is disabled; the runner hands
-each freed slot its next job and resets only those slots (reset_mask). An exception inside an
-env is caught in the worker and comes back as the episode's error; a worker that dies or hangs
-makes the runner rebuild the vector env and run the interrupted episodes again (once).
+runs ONE forward for all streams whose queue is empty. What can go wrong, and what happens:
+- an exception inside an env: caught in the worker, the episode is recorded with its traceback;
+- a worker that dies or stops answering (start-up, reset or step; every wait is bounded:
+  `step_timeout_s` for a reset or a step, max(STARTUP_TIMEOUT_S, step_timeout_s) for start-up):
+  it is stopped (terminate, then kill) and replaced, and its episode runs again, at most
+  MAX_ATTEMPTS times in all (then it is recorded as an error);
+- the policy raises or returns a non-finite action: that stream's episode is recorded as an
+  error (with a summary of the values); MAX_POLICY_FAULTS policy calls in a row with such a fault
+  stop the run (PolicyFault);
+- `max_consecutive_errors` episodes in a row with an error stop the run (TooManyErrors), and
+  more than MAX_WORKER_RESTARTS worker replacements too (SimulatorFailure).
+Every episode given to run() is either passed to on_episode() or still unrecorded when run()
+raises; the caller names the unrecorded ones as missing.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
-import traceback
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import gymnasium as gym
 import numpy as np
 
 from vla_accel.eval.shard import EpisodeKey
 from vla_accel.eval.video import EpisodeVideo, TraceRecorder, episode_stem
+from vla_accel.eval.workers import WorkerFailure, WorkerPool, short_error
 
 log = logging.getLogger(__name__)
 
-MAX_CONSECUTIVE_POLICY_ERRORS = 3   # then the run stops: the policy is broken, not one episode
-MAX_ATTEMPTS_AFTER_CRASH = 2        # an episode in flight when a worker died is run at most this often
-MAX_WORKER_RESTARTS = 20            # more restarts than this in one run: give up (the simulator is broken)
+MAX_POLICY_FAULTS = 3        # policy calls in a row that raised or gave non-finite actions: the policy is broken
+MAX_ATTEMPTS = 2             # an episode whose simulator worker failed is run at most this often in all
+MAX_WORKER_RESTARTS = 20     # more worker replacements than this in one run: the simulator is broken
+STARTUP_TIMEOUT_S = 120.0    # a new worker has max(this, step_timeout_s) to start (spawn + imports)
 _STANDARD_INFO_KEYS = {"queried", "latency_ms", "batch_size", "tokens_kept"}
 
 
-def _short_error(exc: BaseException) -> str:
-    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).strip()
+class RunStopped(RuntimeError):
+    """The run stopped early: something systemic is wrong; the message says what."""
 
 
-def _array_space(space: gym.Space) -> gym.Space:
-    """The observation space without text entries (the instruction travels in info, not in shared memory)."""
-    if isinstance(space, gym.spaces.Dict):
-        return gym.spaces.Dict({k: s for k, s in space.spaces.items() if not isinstance(s, gym.spaces.Text)})
-    return space
+class TooManyErrors(RunStopped):
+    """Many episodes in a row ended with an error (assets, rendering, policy)."""
 
 
-def _blank_obs(space: gym.Space) -> Any:
-    if isinstance(space, gym.spaces.Dict):
-        return {k: _blank_obs(s) for k, s in space.spaces.items()}
-    return np.zeros(space.shape, dtype=space.dtype)
+class PolicyFault(RunStopped):
+    """The policy raised or returned non-finite actions in MAX_POLICY_FAULTS calls in a row."""
 
 
-class EpisodeSlot(gym.Env):
-    """Worker-side env: runs the episode given in `self.job` at each reset; never raises.
-
-    job: {"suite", "task_id", "episode", "seed"} or None (the slot idles: step() does nothing).
-    Errors come back in info["error"] (a traceback); the broken env is dropped and rebuilt on the
-    next reset.
-    """
-
-    def __init__(self, make_env: Callable[[str, int], gym.Env], suite: str, task_id: int):
-        self._make_env = make_env
-        self._env: gym.Env | None = make_env(suite, task_id)
-        self.observation_space = _array_space(self._env.observation_space)
-        self.action_space = self._env.action_space
-        self.job: dict | None = None
-        self._obs = _blank_obs(self.observation_space)
-        self._active = False
-
-    def _drop_env(self) -> None:
-        env, self._env = self._env, None
-        try:
-            if env is not None:
-                env.close()
-        except Exception:  # closing a broken simulator may fail too; it is dropped either way
-            pass
-
-    def reset(self, *, seed: int | None = None, options: dict | None = None):
-        job, self._active = self.job, False
-        if job is None:
-            return self._obs, {"idle": True, "error": ""}
-        try:
-            if self._env is None:
-                self._env = self._make_env(job["suite"], job["task_id"])
-            obs, info = self._env.reset(seed=job["seed"], options={
-                "episode": job["episode"], "suite": job["suite"], "task_id": job["task_id"]})
-        except Exception as exc:
-            self._drop_env()
-            return self._obs, {"error": _short_error(exc)}
-        self._obs, self._active = self._arrays(obs), True
-        return self._obs, {"instruction": str(info.get("instruction", "")), "error": ""}
-
-    def step(self, action):
-        if not self._active:
-            return self._obs, 0.0, False, False, {"idle": True, "error": ""}
-        try:
-            obs, reward, terminated, truncated, info = self._env.step(action)
-        except Exception as exc:
-            self._active = False
-            self._drop_env()
-            return self._obs, 0.0, False, False, {"error": _short_error(exc)}
-        self._obs = self._arrays(obs)
-        if terminated or truncated:
-            self._active = False
-        return self._obs, float(reward), bool(terminated), bool(truncated), {
-            "success": bool(info.get("success", terminated)), "error": ""}
-
-    def close(self):
-        self._drop_env()
-
-    def _arrays(self, obs: Any) -> Any:
-        if isinstance(self.observation_space, gym.spaces.Dict):
-            return {k: obs[k] for k in self.observation_space.spaces}
-        return obs
+class SimulatorFailure(RunStopped):
+    """Simulator workers failed more than MAX_WORKER_RESTARTS times."""
 
 
-def _make_slot(make_env: Callable[[str, int], gym.Env], suite: str, task_id: int) -> EpisodeSlot:
-    return EpisodeSlot(make_env, suite, task_id)
-
-
-def _info(infos: dict, key: str, i: int, default: Any = None) -> Any:
-    """Value of `key` for env i in a gymnasium vector info dict (respects the `_key` mask)."""
-    if key not in infos or not infos.get(f"_{key}", np.ones(i + 1, bool))[i]:
-        return default
-    value = infos[key][i]
-    return value.item() if isinstance(value, np.generic) else value
-
-
-def _dead_workers(vec) -> list[int]:
-    """Indices of the vector env's worker processes that have exited."""
-    dead = []
-    for i, process in enumerate(getattr(vec, "processes", [])):
-        process.join(timeout=0.2)
-        if process.exitcode is not None:
-            dead.append(i)
-    return dead
-
-
-def _close(vec, terminate: bool) -> None:
-    try:
-        vec.close(terminate=terminate)
-    except Exception as exc:  # a dead worker's pipe: stop the others ourselves
-        log.debug("closing the vector env: %s", exc)
-        for process in vec.processes:
-            if process.is_alive():
-                process.terminate()
-        for process in vec.processes:
-            process.join(timeout=10)
-        vec.closed = True
-
-
-class TooManyErrors(RuntimeError):
-    """Many episodes in a row ended with an error: something systemic (assets, rendering, policy)."""
-
-
-class _VectorFailure(RuntimeError):
-    """The vector env itself failed (a worker died or stopped answering)."""
+def nonfinite_summary(action: Any) -> str:
+    """'3 of 7 values are not finite (nan 3, +inf 0, -inf 0): [nan, 0.1, ...]'."""
+    a = np.asarray(action, dtype=np.float64).ravel()
+    nan, pos, neg = int(np.isnan(a).sum()), int(np.isposinf(a).sum()), int(np.isneginf(a).sum())
+    values = ", ".join(f"{v:.4g}" for v in a[:8]) + (", ..." if a.size > 8 else "")
+    return f"{nan + pos + neg} of {a.size} values are not finite (nan {nan}, +inf {pos}, -inf {neg}): [{values}]"
 
 
 @dataclass
@@ -171,6 +78,7 @@ class _Episode:
     slot: int
     started: float
     instruction: str = ""
+    obs: Any = None                 # the latest observation
     steps: int = 0
     chunk_ms: list = field(default_factory=list)
     chunk_model_ms: list = field(default_factory=list)
@@ -207,7 +115,7 @@ class _Episode:
 class RunStats:
     episodes: int = 0          # episodes finished (recorded) by this process
     errors: int = 0
-    wall_s: float = 0.0        # time spent in rollouts (vector env start to last episode)
+    wall_s: float = 0.0        # time spent in rollouts (worker start to last episode)
     forwards: int = 0          # batched policy calls that queried the model
     worker_restarts: int = 0
 
@@ -227,7 +135,7 @@ class RolloutRunner:
     def __init__(
         self,
         actor: Any,
-        make_env: Callable[[str, int], gym.Env],
+        make_env: Callable[[str, int], Any],
         *,
         num_envs: int,
         on_episode: Callable[[dict], None],
@@ -258,179 +166,174 @@ class RolloutRunner:
         self.record_fields = dict(record_fields or {})
         self.max_consecutive_errors = max_consecutive_errors   # 0: never stop
         self.worker_env = dict(worker_env or {})                # environment variables of the workers
-        self._consecutive_errors = 0
         self.stats = RunStats()
         self._trace_key: EpisodeKey | None = None
-        self._policy_errors = 0
+        self._queue: deque[EpisodeKey] = deque()
+        self._attempts: Counter = Counter()
+        self._consecutive_errors = 0
+        self._policy_faults = 0
+        self._last_error = ("", "")                             # (episode label, error) of the last error
 
     # ------------------------------------------------------------------------------------------
     def run(self, keys: Sequence[EpisodeKey]) -> RunStats:
-        queue = deque(keys)
+        self._queue = deque(keys)
         if self.trace_path is not None and self.trace_path.suffix == ".npz" and keys:
             self._trace_key = keys[0]          # a single file: the first episode of the run
-        attempts: Counter = Counter()
+        n = min(self.num_envs, len(keys))
+        pool = WorkerPool(self.make_env, n, timeout_s=self.step_timeout_s, context=self.context,
+                          startup_timeout_s=max(STARTUP_TIMEOUT_S, self.step_timeout_s), env_vars=self.worker_env)
+        slots: list[_Episode | None] = [None] * n
         t0 = time.perf_counter()
+        clean = False
         try:
-            while queue:
-                n = min(self.num_envs, len(queue))
-                vec = self._open(n, queue[0])
-                slots: list[_Episode | None] = [None] * n
-                failed = True
-                try:
-                    self._loop(vec, slots, queue)
-                    failed = False
-                except _VectorFailure as exc:
-                    self.stats.worker_restarts += 1
-                    if self.stats.worker_restarts > MAX_WORKER_RESTARTS:
-                        raise RuntimeError(f"simulator workers failed {self.stats.worker_restarts} times; "
-                                           f"giving up (last: {exc})") from exc
-                    dead = _dead_workers(vec)
-                    log.warning("simulator worker(s) %s failed (%s); restarting the workers",
-                                dead or "?", exc)
-                    for ep in slots:
-                        if ep is None:
-                            continue
-                        if not dead or ep.slot in dead:   # blame the dead worker's episode (all if unknown)
-                            attempts[ep.key] += 1
-                        if attempts[ep.key] >= MAX_ATTEMPTS_AFTER_CRASH:
-                            self._finish(slots, ep.slot, success=False,
-                                         error=f"simulator worker crashed twice during this episode: {exc}")
-                        else:
-                            self._discard(ep)
-                            queue.appendleft(ep.key)
-                finally:
-                    for ep in slots:       # interrupted (Ctrl-C) or crashed: nothing half-written stays
-                        if ep is not None:
-                            self._discard(ep)
-                    _close(vec, terminate=failed)
+            for i, failure in pool.start(list(range(n))).items():
+                self._replace_worker(pool, slots, i, failure)
+            self._fill(pool, slots, list(range(n)))
+            while any(ep is not None for ep in slots):
+                self._step(pool, slots)
+            clean = True
         finally:
+            for ep in slots:       # interrupted or stopped: nothing half-written stays
+                if ep is not None:
+                    self._discard(ep)
+            pool.close(polite=clean)
             self.stats.wall_s = time.perf_counter() - t0
         return self.stats
 
     # ------------------------------------------------------------------------------------------
-    def _open(self, n: int, first: EpisodeKey) -> gym.vector.AsyncVectorEnv:
-        fns = [partial(_make_slot, self.make_env, first.suite, first.task_id) for _ in range(n)]
-        saved = {k: os.environ.get(k) for k in self.worker_env}
-        os.environ.update(self.worker_env)        # spawned workers copy the environment at start
+    def _step(self, pool: WorkerPool, slots: list[_Episode | None]) -> None:
+        """One policy call for every running episode, then one simulator step each."""
+        active = [i for i, ep in enumerate(slots) if ep is not None]
+        obs_list = [slots[i].obs for i in active]
+        t = time.perf_counter()
         try:
-            return gym.vector.AsyncVectorEnv(
-                fns, context=self.context, shared_memory=True, copy=True,
-                autoreset_mode=gym.vector.AutoresetMode.DISABLED)
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-
-    def _vec(self, call: Callable[[], Any]) -> Any:
-        try:
-            return call()
-        except KeyboardInterrupt:
-            raise
+            actions, infos = self.actor.act_batch(obs_list, [slots[i].instruction for i in active], active)
         except Exception as exc:
-            raise _VectorFailure(f"{type(exc).__name__}: {exc}") from exc
-
-    def _loop(self, vec, slots: list[_Episode | None], queue: deque) -> None:
-        n = len(slots)
-        obs = self._start(vec, slots, queue, list(range(n)))
-        while any(ep is not None for ep in slots):
-            active = [i for i, ep in enumerate(slots) if ep is not None]
-            obs_list = [{k: v[i] for k, v in obs.items()} for i in active]
-            t = time.perf_counter()
-            try:
-                actions, infos = self.actor.act_batch(obs_list, [slots[i].instruction for i in active], active)
-            except Exception as exc:
-                self._policy_errors += 1
-                if self._policy_errors >= MAX_CONSECUTIVE_POLICY_ERRORS:
-                    raise
-                log.error("policy call failed; recording %d episode(s) as failed:\n%s", len(active),
-                          _short_error(exc))
-                for i in active:
-                    self._finish(slots, i, success=False, error=f"policy: {_short_error(exc)}")
-                obs = self._start(vec, slots, queue, active)
-                continue
-            self._policy_errors = 0
-            call_ms = 1000.0 * (time.perf_counter() - t)
-            actions = np.asarray(actions)
-            if any(info.get("queried") for info in infos):
-                self.stats.forwards += 1
-            warmup = self.stats.forwards <= self.warmup_chunks
-            for j, i in enumerate(active):
-                ep = slots[i]
-                ep.on_policy(infos[j], call_ms, warmup)
-                if ep.video is not None:
-                    ep.video.add(obs_list[j], self._overlay(i))
-                if ep.trace is not None:
-                    ep.trace.add(obs_list[j], actions[j])
-
-            batch = np.zeros((n,) + actions.shape[1:], dtype=actions.dtype)
-            batch[active] = actions
-            self._vec(lambda: vec.step_async(batch))
-            obs, _, terminated, truncated, step_info = self._vec(
-                lambda: vec.step_wait(timeout=self.step_timeout_s))
-
-            ended = []
+            log.error("policy call failed; recording %d episode(s) as errors:\n%s", len(active), short_error(exc))
             for i in active:
+                self._finish(slots, i, success=False, error=f"policy: {short_error(exc)}")
+            self._policy_fault(f"the policy raised: {type(exc).__name__}: {exc}")
+            self._check_stop()
+            self._fill(pool, slots, active)
+            return
+        call_ms = 1000.0 * (time.perf_counter() - t)
+        actions = np.asarray(actions)
+        if any(info.get("queried") for info in infos):
+            self.stats.forwards += 1
+        warmup = self.stats.forwards <= self.warmup_chunks
+        bad = []
+        for j, i in enumerate(active):
+            ep = slots[i]
+            ep.on_policy(infos[j], call_ms, warmup)
+            if not np.isfinite(actions[j]).all():
+                bad.append(i)
+                continue
+            if ep.video is not None:
+                ep.video.add(obs_list[j], self._overlay(i))
+            if ep.trace is not None:
+                ep.trace.add(obs_list[j], actions[j])
+        for i in bad:
+            summary = nonfinite_summary(actions[active.index(i)])
+            self._finish(slots, i, success=False, error=f"policy returned a non-finite action at step "
+                                                        f"{slots[i].steps}: {summary}")
+        if bad:
+            self._policy_fault(f"non-finite actions for {len(bad)} of {len(active)} episode(s), e.g. {summary}")
+        else:
+            self._policy_faults = 0
+
+        requests = {i: ("step", actions[j]) for j, i in enumerate(active) if i not in bad}
+        replies, failures = pool.request(requests, "step")
+        ended = list(bad)
+        for i, (obs, _, terminated, truncated, info) in sorted(replies.items()):
+            ep = slots[i]
+            error = info.get("error") or ""
+            if not error:
+                ep.steps += 1
+                ep.obs = obs
+            if error or terminated or truncated:
+                if ep.video is not None and not error:
+                    ep.video.add(obs, self._overlay(i))
+                self._finish(slots, i, success=bool(info.get("success", terminated)) and not error,
+                             error=error or None)
+                ended.append(i)
+        for i, failure in failures.items():
+            self._replace_worker(pool, slots, i, failure)
+        self._check_stop()
+        self._fill(pool, slots, sorted(ended + list(failures)))
+
+    def _fill(self, pool: WorkerPool, slots: list[_Episode | None], free: list[int]) -> None:
+        """Give each free slot the next episode of the queue and start it (reset) there."""
+        while free and self._queue:
+            requests = {}
+            t = time.perf_counter()
+            for i in free:
+                if not self._queue:
+                    break
+                key = self._queue.popleft()
+                slots[i] = _Episode(key=key, task=self.task_names.get((key.suite, key.task_id), ""), slot=i, started=t)
+                requests[i] = ("reset", {"suite": key.suite, "task_id": key.task_id, "episode": key.episode,
+                                         "seed": self.seed})
+            replies, failures = pool.request(requests, "reset")
+            free, started = [], []
+            for i, (obs, info) in sorted(replies.items()):
                 ep = slots[i]
-                error = _info(step_info, "error", i, "") or ""
-                if not error:
-                    ep.steps += 1
-                if error or terminated[i] or truncated[i]:
-                    if ep.video is not None and not error:
-                        ep.video.add({k: v[i] for k, v in obs.items()}, self._overlay(i))
-                    success = bool(_info(step_info, "success", i, terminated[i])) and not error
-                    self._finish(slots, i, success=success, error=error or None)
-                    ended.append(i)
-            if ended:
-                obs = self._start(vec, slots, queue, ended)
+                if info.get("error"):
+                    self._finish(slots, i, success=False, error=info["error"])
+                    free.append(i)
+                    continue
+                ep.obs, ep.instruction = obs, info.get("instruction") or ""
+                if self.video_dir is not None:
+                    ep.video = EpisodeVideo(self.video_dir, ep.key, ep.task, self.video_fps)
+                if self.trace_path is not None and (self._trace_key is None or self._trace_key == ep.key):
+                    path = self.trace_path if self._trace_key is not None else \
+                        self.trace_path / f"{episode_stem(ep.key)}.npz"
+                    ep.trace = TraceRecorder(path, ep.key, ep.task)
+                started.append(i)
+            for i, failure in failures.items():
+                self._replace_worker(pool, slots, i, failure)
+                free.append(i)
+            if started:
+                self.actor.reset(started)
+            self._check_stop()
+
+    def _replace_worker(self, pool: WorkerPool, slots: list[_Episode | None], i: int,
+                        failure: WorkerFailure) -> None:
+        """Worker i failed (and is stopped): its episode runs again or is recorded; start a new worker."""
+        ep, again = slots[i], ""
+        if ep is not None:
+            self._attempts[ep.key] += 1
+            if self._attempts[ep.key] >= MAX_ATTEMPTS:
+                self._finish(slots, i, success=False, error=f"the simulator worker failed {self._attempts[ep.key]} "
+                                                            f"times during this episode; last: {failure}")
+            else:
+                self._discard(ep)
+                slots[i] = None
+                self._queue.appendleft(ep.key)
+                again = f"; {ep.key.label()} runs again"
+        while failure is not None:
+            self.stats.worker_restarts += 1
+            if self.stats.worker_restarts > MAX_WORKER_RESTARTS:
+                raise SimulatorFailure(f"simulator workers failed {self.stats.worker_restarts} times; giving up "
+                                       f"(last: {failure})")
+            log.warning("%s; starting a new worker%s", failure, again)
+            failure, again = pool.restart(i), ""
+
+    def _policy_fault(self, what: str) -> None:
+        self._policy_faults += 1
+        if self._policy_faults >= MAX_POLICY_FAULTS:
+            raise PolicyFault(f"{self._policy_faults} policy calls in a row failed (last: {what}); the policy "
+                              "is broken, not one episode (NaN weights? wrong dtype?)")
+
+    def _check_stop(self) -> None:
+        if self.max_consecutive_errors and self._consecutive_errors >= self.max_consecutive_errors:
+            label, error = self._last_error
+            raise TooManyErrors(f"{self._consecutive_errors} episodes in a row ended with an error, the last one "
+                                f"({label}):\n{error}")
 
     def _overlay(self, stream: int):
         """SpecPrune's picture of the kept patches for this stream's last query (None for other actors)."""
         fn = getattr(self.actor, "overlay_frame", None)
         return fn(stream) if fn is not None else None
-
-    def _start(self, vec, slots: list[_Episode | None], queue: deque, free: list[int]):
-        """Give each free slot its next job (or none) and reset exactly those slots."""
-        n = len(slots)
-        obs = None
-        while free:
-            jobs: list[dict | None] = [None] * n
-            mask = np.zeros(n, dtype=bool)
-            starting = []
-            for i in free:
-                mask[i] = True
-                if queue:
-                    key = queue.popleft()
-                    jobs[i] = {"suite": key.suite, "task_id": key.task_id, "episode": key.episode,
-                               "seed": self.seed}
-                    starting.append((i, key))
-            self._vec(lambda: vec.set_attr("job", jobs))
-            t = time.perf_counter()
-            self._vec(lambda: vec.reset_async(options={"reset_mask": mask}))
-            obs, infos = self._vec(lambda: vec.reset_wait(timeout=self.step_timeout_s))
-            free = []
-            started = []
-            for i, key in starting:
-                ep = _Episode(key=key, task=self.task_names.get((key.suite, key.task_id), ""), slot=i,
-                              started=t)
-                slots[i] = ep
-                error = _info(infos, "error", i, "") or ""
-                if error:
-                    self._finish(slots, i, success=False, error=error)
-                    free.append(i)
-                    continue
-                ep.instruction = _info(infos, "instruction", i, "") or ""
-                if self.video_dir is not None:
-                    ep.video = EpisodeVideo(self.video_dir, key, ep.task, self.video_fps)
-                if self.trace_path is not None and (self._trace_key is None or self._trace_key == key):
-                    path = self.trace_path if self._trace_key is not None else \
-                        self.trace_path / f"{episode_stem(key)}.npz"
-                    ep.trace = TraceRecorder(path, key, ep.task)
-                started.append(i)
-            if started:
-                self.actor.reset(started)
-        return obs
 
     def _discard(self, ep: _Episode) -> None:
         if ep.video is not None:
@@ -466,7 +369,5 @@ class RolloutRunner:
         self.stats.errors += int(bool(error))
         self.on_episode(record)
         self._consecutive_errors = self._consecutive_errors + 1 if error else 0
-        if self.max_consecutive_errors and self._consecutive_errors >= self.max_consecutive_errors:
-            raise TooManyErrors(
-                f"{self._consecutive_errors} episodes in a row ended with an error, the last one "
-                f"({ep.key.label()}):\n{error}")
+        if error:
+            self._last_error = (ep.key.label(), error)

@@ -35,7 +35,7 @@ class EpisodeVideo:
     (outcome: success | failure | error)."""
 
     def __init__(self, directory: str | os.PathLike, key: EpisodeKey, task: str, fps: int):
-        import imageio.v2 as imageio   # lazy: only when videos are on
+        import imageio.v2 as imageio  # lazy: only when videos are on
 
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -99,7 +99,7 @@ class TraceRecorder:
         })
 
     def save(self, instruction: str, meta: dict) -> str:
-        from vla_accel.envs.trace import save_trace   # owned by the env module
+        from vla_accel.envs.trace import save_trace  # owned by the env module
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         save_trace(self.path, self.frames, instruction, meta)

@@ -146,7 +146,7 @@ def observation(payload: Any, *, max_image_side: int, state_dim: int = 8) -> tup
     wrist = [k for k in WRIST_KEYS if k in payload] or [k for k in payload if isinstance(k, str) and "wrist" in k]
     if len(wrist) != 1:
         raise BadRequest("missing key 'wrist_image' / 'observation/wrist_image': the wrist camera image, uint8 "
-                         f"[H, W, 3]" if not wrist else f"one wrist image expected, got keys {sorted(wrist)}")
+                         "[H, W, 3]" if not wrist else f"one wrist image expected, got keys {sorted(wrist)}")
     k_state, state = _pick(payload, STATE_KEYS, f"the robot state, {state_dim} floats")
     k_text, text = _pick(payload, TEXT_KEYS, "the task instruction, text")
     state = np.asarray(state) if isinstance(state, (list, tuple, np.ndarray)) else state

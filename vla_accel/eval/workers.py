@@ -1,0 +1,267 @@
+"""Simulator worker processes under supervision: every wait is bounded, a dead or silent worker is replaced.
+
+Main process (WorkerPool)                       worker process (_serve, spawn / forkserver)
+  start: spawn, wait for ("ready", pid)            EpisodeSlot: one episode at a time, never raises
+  request({i: ("reset", job)})        ------>        reset(job)    -> (obs, info)
+  request({i: ("step", action)})      ------>        step(action)  -> (obs, reward, terminated, truncated, info)
+  close                               ------>        leaves its loop, closes the simulator
+
+A worker that exits, breaks its pipe or stays silent past `timeout_s` (`startup_timeout_s` until it
+is ready) comes back from start() / request() as a WorkerFailure (which worker, in which phase,
+why) and is stopped: SIGTERM (with SIGCONT, so a stopped process gets it), then SIGKILL, each
+followed by a join of at most `grace_s`. close() asks healthy workers to leave first.
+Nothing here waits without a limit. Workers ignore SIGINT (Ctrl-C reaches the whole process group;
+the main process decides) and leave when the main process is gone (their pipe ends).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import signal
+import time
+import traceback
+from multiprocessing.connection import Connection, wait
+from typing import Any, Callable
+
+from vla_accel.eval import faults
+
+log = logging.getLogger(__name__)
+
+
+def short_error(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).strip()
+
+
+class EpisodeSlot:
+    """Worker side: runs the episode of each reset(job); errors come back in info["error"] (a traceback).
+
+    job: {"suite", "task_id", "episode", "seed"}. The env is built on the first job (in the worker)
+    and rebuilt on the next reset after an error.
+    """
+
+    def __init__(self, make_env: Callable[[str, int], Any]):
+        self._make_env = make_env
+        self._env = None
+        self._episode: int | None = None
+        self._task: int | None = None
+        self._t = 0
+
+    def _drop_env(self) -> None:
+        env, self._env = self._env, None
+        try:
+            if env is not None:
+                env.close()
+        except Exception:  # closing a broken simulator may fail too; it is dropped either way
+            pass
+
+    def reset(self, job: dict):
+        self._episode, self._task, self._t = None, job["task_id"], 0
+        faults.pause("reset", task=job["task_id"], episode=job["episode"])
+        try:
+            if self._env is None:
+                self._env = self._make_env(job["suite"], job["task_id"])
+            obs, info = self._env.reset(seed=job["seed"], options={
+                "episode": job["episode"], "suite": job["suite"], "task_id": job["task_id"]})
+        except Exception as exc:
+            self._drop_env()
+            return None, {"error": short_error(exc)}
+        self._episode = job["episode"]
+        return _arrays(obs), {"instruction": str(info.get("instruction", "")), "error": ""}
+
+    def step(self, action):
+        if self._episode is None:
+            return None, 0.0, False, False, {"error": "step() without a running episode"}
+        faults.pause("step", task=self._task, episode=self._episode, step=self._t)
+        try:
+            obs, reward, terminated, truncated, info = self._env.step(action)
+        except Exception as exc:
+            self._episode = None
+            self._drop_env()
+            return None, 0.0, False, False, {"error": short_error(exc)}
+        self._t += 1
+        if terminated or truncated:
+            self._episode = None
+        return _arrays(obs), float(reward), bool(terminated), bool(truncated), {
+            "success": bool(info.get("success", terminated)), "error": ""}
+
+    def close(self) -> None:
+        self._drop_env()
+
+
+def _arrays(obs: Any) -> Any:
+    """Observation without text entries (the instruction travels in info)."""
+    if isinstance(obs, dict):
+        return {k: v for k, v in obs.items() if not isinstance(v, str)}
+    return obs
+
+
+def _serve(conn: Connection, make_env: Callable[[str, int], Any]) -> None:
+    """Worker process main loop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    faults.pause("startup")
+    slot = EpisodeSlot(make_env)
+    conn.send(("ready", os.getpid()))
+    try:
+        while True:
+            try:
+                command, data = conn.recv()
+            except (EOFError, OSError):
+                break                              # the main process is gone
+            if command == "close":
+                break
+            conn.send(slot.reset(data) if command == "reset" else slot.step(data))
+    finally:
+        slot.close()
+
+
+class WorkerFailure(RuntimeError):
+    """A worker died, broke its pipe or did not answer in time."""
+
+    def __init__(self, index: int, phase: str, reason: str):
+        super().__init__(f"simulator worker {index} {reason} during {phase}")
+        self.index, self.phase, self.reason = index, phase, reason
+
+
+Failures = dict[int, WorkerFailure]     # worker index -> what happened to it
+
+
+def _exit_reason(process) -> str:
+    code = process.exitcode
+    if code is None:
+        return "stopped answering"
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with status {code}"
+
+
+class WorkerPool:
+    """`size` simulator worker processes; see the module doc. Indices are slots: 0..size-1."""
+
+    def __init__(self, make_env: Callable[[str, int], Any], size: int, *, timeout_s: float, startup_timeout_s: float,
+                 context: str = "spawn", env_vars: dict[str, str] | None = None, grace_s: float = 5.0):
+        self.make_env, self.size = make_env, size
+        self.timeout_s, self.startup_timeout_s, self.grace_s = timeout_s, startup_timeout_s, grace_s
+        self.ctx = mp.get_context(context)
+        self.env_vars = dict(env_vars or {})
+        self.processes: list[Any] = [None] * size
+        self.conns: list[Connection | None] = [None] * size
+
+    # ---- life cycle --------------------------------------------------------------------------
+    def start(self, indices: list[int]) -> dict[int, WorkerFailure]:
+        """Spawn the workers `indices` and wait (bounded) until each is ready; returns the failures."""
+        saved = {k: os.environ.get(k) for k in self.env_vars}
+        os.environ.update(self.env_vars)           # spawned workers copy the environment at start
+        try:
+            for i in indices:
+                parent, child = self.ctx.Pipe()
+                process = self.ctx.Process(target=_serve, args=(child, self.make_env), daemon=True,
+                                           name=f"vla-accel-sim-{i}")
+                process.start()
+                child.close()
+                self.processes[i], self.conns[i] = process, parent
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        replies, failures = self._collect(indices, "start-up", self.startup_timeout_s)
+        for i, reply in replies.items():
+            if not (isinstance(reply, tuple) and reply[:1] == ("ready",)):
+                failures[i] = WorkerFailure(i, "start-up", f"sent {reply!r} instead of ready")
+        for i in failures:
+            self.stop(i)
+        return failures
+
+    def restart(self, i: int) -> WorkerFailure | None:
+        self.stop(i)
+        return self.start([i]).get(i)
+
+    def stop(self, i: int) -> None:
+        """Stop worker i now: SIGTERM (+ SIGCONT), then SIGKILL; each join bounded by grace_s."""
+        process, conn = self.processes[i], self.conns[i]
+        self.processes[i] = self.conns[i] = None
+        if process is None:
+            return
+        _escalate(process, self.grace_s)
+        conn.close()
+
+    def close(self, polite: bool = True) -> None:
+        """Stop every worker; polite: ask all first and give them one shared grace period."""
+        alive = [i for i in range(self.size) if self.processes[i] is not None]
+        if polite:
+            for i in alive:
+                try:
+                    self.conns[i].send(("close", None))
+                except OSError:
+                    pass
+            end = time.monotonic() + self.grace_s
+            for i in alive:
+                self.processes[i].join(max(0.0, end - time.monotonic()))
+        for i in alive:
+            self.stop(i)
+
+    # ---- requests ----------------------------------------------------------------------------
+    def request(self, requests: dict[int, tuple[str, Any]], phase: str) -> tuple[dict[int, Any], Failures]:
+        """Send each worker its (command, data); wait for the answers (bounded). -> (replies, failures)."""
+        failures: dict[int, WorkerFailure] = {}
+        sent = []
+        for i, message in requests.items():
+            try:
+                self.conns[i].send(message)
+                sent.append(i)
+            except (OSError, ValueError):             # a dead worker's pipe
+                failures[i] = WorkerFailure(i, phase, _exit_reason(_reaped(self.processes[i])))
+        replies, late = self._collect(sent, phase, self.timeout_s)
+        failures.update(late)
+        for i in failures:
+            self.stop(i)
+        return replies, failures
+
+    def _collect(self, indices: list[int], phase: str, timeout_s: float) -> tuple[dict[int, Any], Failures]:
+        """One message from each worker in `indices` within timeout_s; the rest are failures."""
+        replies: dict[int, Any] = {}
+        failures: dict[int, WorkerFailure] = {}
+        waiting = {self.conns[i]: i for i in indices}
+        end = time.monotonic() + timeout_s
+        while waiting:
+            left = end - time.monotonic()
+            ready = wait(list(waiting), timeout=max(0.0, left)) if left > 0 else []
+            if not ready:
+                for i in waiting.values():
+                    failures[i] = WorkerFailure(i, phase, f"did not answer within {timeout_s:g} s")
+                break
+            for conn in ready:
+                i = waiting.pop(conn)
+                try:
+                    replies[i] = conn.recv()
+                except (EOFError, OSError):
+                    failures[i] = WorkerFailure(i, phase, _exit_reason(_reaped(self.processes[i])))
+        return replies, failures
+
+
+def _reaped(process, timeout: float = 1.0):
+    """The process after a short join, so that its exit code is known when it has just died."""
+    process.join(timeout)
+    return process
+
+
+def _escalate(process, grace_s: float) -> None:
+    if process.is_alive():
+        process.terminate()
+        try:
+            os.kill(process.pid, signal.SIGCONT)   # a stopped (SIGSTOP) process gets SIGTERM only when continued
+        except OSError:
+            pass
+        process.join(grace_s)
+    if process.is_alive():
+        process.kill()
+        process.join(grace_s)
+    if process.is_alive():
+        log.error("simulator worker pid %d is still alive after SIGKILL; leaving it", process.pid)
+
