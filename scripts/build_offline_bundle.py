@@ -85,14 +85,6 @@ def canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
     result = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
     if result.returncode != 0:
@@ -404,7 +396,9 @@ def verify_part_main(folder: str, scene_keys: list[str]) -> int:
 
 
 def file_record(path: Path, out: Path, **fields) -> dict:
-    return {"file": path.relative_to(out).as_posix(), "bytes": path.stat().st_size, "sha256": sha256(path), **fields}
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    return {"file": path.relative_to(out).as_posix(), "bytes": path.stat().st_size, "sha256": digest, **fields}
 
 
 def parse_args(argv=None):
