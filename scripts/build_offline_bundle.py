@@ -10,7 +10,7 @@ selection asks hf-libero and robosuite which files the scenes load) and LIBERO's
 (default $VLA_ACCEL_LIBERO_ASSETS). Writes into --out (default .bundle/, git-ignored):
 
     manifest.json          every file with size and sha256, versions, python tag, suites, parts, date
-    core/wheels/*.whl      what the node's Python lacks (see SHIPPED below); robosuite trimmed to the
+    core/wheels/*.whl      what the node's Python lacks (RESOLVED, NO_DEPS, RUNTIME_EXTRAS below); robosuite trimmed to the
                            assets LIBERO's Panda needs (version 1.4.0+libero)
     core/gl/*.deb          the GL loader libraries through glvnd (libEGL, libOpenGL, ...), to unpack into /
     assets/<part>.tar.xz   the LIBERO asset files the scenes of a part reference: one part per suite,
@@ -40,11 +40,15 @@ import sys
 import tarfile
 import tempfile
 import time
-import tomllib
-from concurrent.futures import ThreadPoolExecutor
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python < 3.11
+    sys.exit("build_offline_bundle.py needs Python 3.11 or newer (tomllib, hashlib.file_digest)")
 
 REPO = Path(__file__).resolve().parent.parent
 NODE_PACKAGES = Path(__file__).resolve().with_name("build_offline_bundle.node-packages.txt")
@@ -56,8 +60,8 @@ GL_DEBS = ("libegl1", "libglvnd0", "libopengl0", "libgl1", "libglx0", "libgles2"
 RESOLVED = ("mujoco", "gymnasium", "hydra-core", "omegaconf")
 # Without dependencies: what they declare pulls in far more than LIBERO evaluation imports.
 NO_DEPS = {
-    "hf-libero": "declares robomimic, wandb, transformers, thop, easydict, einops, hf-egl-probe, ...: "
-    "building and stepping LIBERO envs imports none of them (checked by the smoke check in a clean venv)",
+    "hf-libero": "declares robomimic, wandb, thop, einops, hf-egl-probe and more that building and stepping "
+    "LIBERO envs never imports (checked in a clean venv); what it does import is on the node or below",
     "robosuite": "declares mujoco (resolved above), numba, scipy, opencv-python, Pillow: the node has the "
     "others (opencv as opencv-python-headless, which provides the same cv2)",
     "bddl": "declares jupytext and pytest, which parsing BDDL files does not import",
@@ -205,7 +209,9 @@ def trim_robosuite_wheel(src: Path, dest_dir: Path, keep_assets: set[str]) -> tu
                 if entry.endswith("/METADATA"):
                     data = re.sub(rb"(?m)^Version: .*$", f"Version: {new_version}".encode(), data, count=1)
             kept_bytes += len(data)
-            zout.writestr(zipfile.ZipInfo(entry, date_time=info.date_time), data, zipfile.ZIP_DEFLATED)
+            entry_info = zipfile.ZipInfo(entry, date_time=info.date_time)
+            entry_info.external_attr = info.external_attr  # file modes
+            zout.writestr(entry_info, data, zipfile.ZIP_DEFLATED)
             digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
             records.append((entry, f"sha256={digest}", str(len(data))))
         record = io.StringIO()

@@ -50,8 +50,9 @@ if [ "$gl" = 1 ] && compgen -G "$bundle/core/gl/*.deb" >/dev/null; then
   step "GL loader libraries: dpkg -x into /, ldconfig"
   for f in "$bundle"/core/gl/*.deb; do dpkg -x "$f" /; done
   ldconfig
+  known="$(ldconfig -p)"
   for lib in libEGL.so.1 libOpenGL.so.0; do
-    ldconfig -p | grep -q "$lib" || { echo "install_offline_bundle: $lib is still not found by the loader after unpacking the debs" >&2; exit 1; }
+    grep -qF "$lib" <<<"$known" || { echo "install_offline_bundle: $lib is still not found by the loader after unpacking the debs" >&2; exit 1; }
   done
 fi
 
