@@ -259,7 +259,8 @@ def robosuite_asset_files() -> list[str]:
 
     roots = [("world", Path(MujocoWorldBase().file))]
     for name, cls in inspect.getmembers(libero_robots, inspect.isclass):
-        if not (issubclass(cls, robosuite.models.robots.RobotModel) and cls.__module__.startswith(libero_robots.__name__)):
+        is_robot = issubclass(cls, robosuite.models.robots.RobotModel)
+        if not (is_robot and cls.__module__.startswith(libero_robots.__name__)):
             continue
         robot = cls()
         # As robosuite's Robot.load_model does: a mount always (None gives its NullMount, an XML too), and
@@ -309,5 +310,6 @@ def check_scenes_compile(scenes: dict[str, Path], assets_root) -> list[str]:
             continue
         outside = sorted(str(path) for path in files if all(_relative(path, root) is None for root in allowed))
         if outside:
-            problems.append(f"{key}: the compiled model uses files outside {assets_root} and robosuite's assets: {outside}")
+            problems.append(f"{key}: the compiled model uses files outside {assets_root} and robosuite's assets: "
+                            f"{outside}")
     return problems

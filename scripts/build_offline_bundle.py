@@ -10,7 +10,8 @@ selection asks hf-libero and robosuite which files the scenes load) and LIBERO's
 (default $VLA_ACCEL_LIBERO_ASSETS). Writes into --out (default .bundle/, git-ignored):
 
     manifest.json          every file with size and sha256, versions, python tag, suites, parts, date
-    core/wheels/*.whl      what the node's Python lacks (RESOLVED, NO_DEPS, RUNTIME_EXTRAS below); robosuite trimmed to the
+    core/wheels/*.whl      what the node's Python lacks (RESOLVED, NO_DEPS, RUNTIME_EXTRAS below);
+                           robosuite trimmed to the
                            assets LIBERO's Panda needs (version 1.4.0+libero)
     core/gl/*.deb          the GL loader libraries through glvnd (libEGL, libOpenGL, ...), to unpack into /
     assets/<part>.tar.xz   the LIBERO asset files the scenes of a part reference: one part per suite,
@@ -92,7 +93,8 @@ def canonical(name: str) -> str:
 def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
     result = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
     if result.returncode != 0:
-        raise SystemExit(f"[bundle] failed ({result.returncode}): {' '.join(cmd)}\n{result.stdout[-3000:]}{result.stderr[-3000:]}")
+        raise SystemExit(f"[bundle] failed ({result.returncode}): {' '.join(cmd)}\n"
+                         f"{result.stdout[-3000:]}{result.stderr[-3000:]}")
     return result
 
 
@@ -107,7 +109,8 @@ def pyproject_specifiers() -> dict[str, str]:
 
 
 def read_node_packages(path: Path) -> set[str]:
-    names = {canonical(line.strip()) for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")}
+    lines = path.read_text().splitlines()
+    names = {canonical(line.strip()) for line in lines if line.strip() and not line.startswith("#")}
     if not names:
         raise SystemExit(f"[bundle] {path} lists no packages (one name a line expected)")
     return names
@@ -176,7 +179,8 @@ def check_versions(folder: Path) -> None:
         if name in ("hf-libero", "robosuite"):
             here = importlib.metadata.version(name)
             if here.split("+")[0] != version:
-                raise SystemExit(f"[bundle] the bundle ships {name} {version} but the file selection used {name} {here} "
+                raise SystemExit(f"[bundle] the bundle ships {name} {version} but the file selection used "
+                                 f"{name} {here} "
                                  f"installed here: pip install '{name}=={version}' first")
 
 
@@ -322,7 +326,10 @@ def pack_assets(out: Path, selection, suites, room: int, extra_dirs, notes) -> l
             else:
                 ready.append(scenes)
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            packed = list(pool.map(lambda scenes: pack_part(out, name_of(scenes), selection, scenes, extra_dirs, notes), ready))
+            def pack(scenes):
+                return pack_part(out, name_of(scenes), selection, scenes, extra_dirs, notes)
+
+            packed = list(pool.map(pack, ready))
         for scenes, part in zip(ready, packed):
             if part["path"].stat().st_size <= room:
                 parts.append(part)
@@ -370,7 +377,8 @@ def verify_bundle(parts: list[dict], robosuite_wheel: Path) -> None:
             if result.returncode != 0:
                 problems.append(f"{part['path'].name}:\n{result.stdout[-4000:]}{result.stderr[-4000:]}")
             else:
-                log(f"  {part['path'].name}: its {len(part['scenes'])} scenes build ({time.perf_counter() - start:.0f} s)")
+                log(f"  {part['path'].name}: its {len(part['scenes'])} scenes build "
+                    f"({time.perf_counter() - start:.0f} s)")
             shutil.rmtree(folder)
     if problems:
         raise SystemExit("[bundle] verification failed:\n" + "\n".join(problems))
@@ -408,18 +416,23 @@ def file_record(path: Path, out: Path, **fields) -> dict:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=REPO / ".bundle", help="output folder, replaced (default: .bundle/)")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=REPO / ".bundle",
+                        help="output folder, replaced (default: .bundle/)")
     parser.add_argument("--python-version", default="3.12", help="the node's Python, major.minor (default: 3.12)")
-    parser.add_argument("--platform", nargs="+", default=["manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"],
+    parser.add_argument("--platform", nargs="+",
+                        default=["manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"],
                         help="wheel platform tags the node accepts (default: manylinux x86_64 up to glibc 2.28)")
-    parser.add_argument("--suites", nargs="+", default=list(SUITES), help=f"LIBERO suites (default: {' '.join(SUITES)})")
+    parser.add_argument("--suites", nargs="+", default=list(SUITES),
+                        help=f"LIBERO suites (default: {' '.join(SUITES)})")
     parser.add_argument("--assets", type=Path, default=os.environ.get("VLA_ACCEL_LIBERO_ASSETS"),
                         help="the full LIBERO asset folder (default: $VLA_ACCEL_LIBERO_ASSETS)")
     parser.add_argument("--budget-mib", type=float, default=55.0,
                         help="what one transfer may carry, core + asset parts, MiB (default: 55)")
     parser.add_argument("--node-packages", type=Path, default=NODE_PACKAGES,
-                        help="names of the Python packages the node already has, one a line (default: our GPU machine's)")
+                        help="names of the Python packages the node already has, one a line "
+                             "(default: our GPU machine's)")
     parser.add_argument("--no-gl", action="store_true", help="leave out the GL loader debs")
     parser.add_argument("--no-verify", action="store_true",
                         help="skip building every scene from the packed parts and the trimmed robosuite")
@@ -467,7 +480,8 @@ def main(argv=None) -> int:
                 path, trim_stats = trim_robosuite_wheel(record["path"], wheels_dir, robosuite_files)
                 record.update(how="no-deps, assets trimmed", version=wheel_name_version(path)[1])
                 robosuite_wheel = path
-                log(f"  robosuite trimmed: {record['path'].stat().st_size / 2**20:.1f} -> {path.stat().st_size / 2**20:.1f} MiB")
+                before, after = record['path'].stat().st_size / 2**20, path.stat().st_size / 2**20
+                log(f"  robosuite trimmed: {before:.1f} -> {after:.1f} MiB")
             else:
                 path = Path(shutil.copy2(record["path"], wheels_dir))
             wheels.append(file_record(path, work, name=record["name"], version=record["version"], how=record["how"],
@@ -477,7 +491,8 @@ def main(argv=None) -> int:
     core_bytes = sum(r["bytes"] for r in wheels + gl)
     budget = int(args.budget_mib * 2**20)
     if core_bytes >= budget:
-        raise SystemExit(f"[bundle] the core alone is {core_bytes / 2**20:.1f} MiB, over --budget-mib {args.budget_mib}")
+        raise SystemExit(f"[bundle] the core alone is {core_bytes / 2**20:.1f} MiB, "
+                         f"over --budget-mib {args.budget_mib}")
     log(f"core: {len(wheels)} wheels, {len(gl)} debs, {core_bytes / 2**20:.1f} MiB; packing assets (xz -9), "
         f"at most {(budget - core_bytes) / 2**20:.1f} MiB a part")
 

@@ -165,7 +165,8 @@ def cmd_configure(args) -> int:
     }
     config_dir = dest / "libero-config"
     config_dir.mkdir(parents=True, exist_ok=True)
-    (config_dir / "config.yaml").write_text("".join(f"{key}: {json.dumps(str(value))}\n" for key, value in config.items()))
+    text = "".join(f"{key}: {json.dumps(str(value))}\n" for key, value in config.items())
+    (config_dir / "config.yaml").write_text(text)
     lines = [
         f"export VLA_ACCEL_LIBERO_ASSETS={assets}",
         f"export LIBERO_CONFIG_PATH={config_dir}",

@@ -171,7 +171,8 @@ def mirror(tmp_path):
 @requires_libero_assets
 def test_a_missing_texture_and_a_missing_object_are_named_with_their_scene(mirror):
     scene = suite_scenes(["libero_spatial"], [0])
-    assert "plate" in scene["libero_spatial/0"].read_text() and "akita_black_bowl" in scene["libero_spatial/0"].read_text()
+    text = scene["libero_spatial/0"].read_text()
+    assert "plate" in text and "akita_black_bowl" in text
     (mirror / "stable_scanned_objects" / "plate" / "texture.png").unlink()
     (mirror / "stable_scanned_objects" / "akita_black_bowl" / "akita_black_bowl.xml").unlink()
     with pytest.raises(MissingAssetsError) as caught:

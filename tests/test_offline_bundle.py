@@ -38,7 +38,8 @@ builder = _load_builder()
 
 
 def _install(*args, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(INSTALL), *map(str, args)], capture_output=True, text=True, timeout=120, **kwargs)
+    return subprocess.run([sys.executable, str(INSTALL), *map(str, args)], capture_output=True, text=True, timeout=120,
+                          **kwargs)
 
 
 def _digest(data: bytes) -> str:
@@ -56,7 +57,8 @@ def _fake_robosuite_wheel(folder: Path) -> Path:
         "robosuite/models/assets/robots/sawyer/robot.xml": b"<mujoco/>",
         "robosuite/models/assets/robots/sawyer/meshes/base.stl": b"solid sawyer" * 100,
         "robosuite-1.4.0.dist-info/METADATA": b"Metadata-Version: 2.1\nName: robosuite\nVersion: 1.4.0\n",
-        "robosuite-1.4.0.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        "robosuite-1.4.0.dist-info/WHEEL":
+            b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
         "robosuite-1.4.0.dist-info/top_level.txt": b"robosuite\n",
     }
     path = folder / "robosuite-1.4.0-py3-none-any.whl"
@@ -90,7 +92,8 @@ def test_trimmed_robosuite_wheel_keeps_only_the_named_assets_and_installs(tmp_pa
                 assert (digest, int(size)) == (f"sha256={expected}", len(data)), name
 
     target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--disable-pip-version-check",
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
+                    "--disable-pip-version-check",
                     "--target", str(target), str(trimmed)], check=True, capture_output=True, timeout=120)
     assert (target / "robosuite/models/assets/robots/panda/meshes/link0.stl").read_bytes() == b"solid panda"
     assert not (target / "robosuite/models/assets/robots/sawyer").exists()
@@ -208,7 +211,8 @@ def test_configure_writes_libero_config_and_env(tmp_path):
         assert f"{key}: " in config
     assert f'assets: "{tmp_path / "libero-assets"}"' in config
     env = (tmp_path / "env.sh").read_text()
-    for line in (f"export VLA_ACCEL_LIBERO_ASSETS={tmp_path / 'libero-assets'}", f"export LIBERO_CONFIG_PATH={tmp_path / 'libero-config'}",
+    for line in (f"export VLA_ACCEL_LIBERO_ASSETS={tmp_path / 'libero-assets'}",
+                 f"export LIBERO_CONFIG_PATH={tmp_path / 'libero-config'}",
                  "export MUJOCO_GL=egl", f"export PYTHONPATH={tmp_path / 'site'}"):
         assert line in env
     # hf-libero reads the config with yaml: the quoted paths must come back as they were written.
