@@ -170,13 +170,13 @@ def _run_hopper(x, w, config, *, bias=None, residual=None, gated=False, inplace=
 
 # The tuner's share of flat_gemm_hopper.candidates: the (tile, schedule) kinds that won or came within 5 % of the
 # best of the family, or of cuBLAS, at some point of the H200 run of benchmarks/gemm_hopper.py (2026-11-30,
-# benchmarks/results/gemm_hopper_nvidia-h200_2026-11-30.json; `python -m benchmarks.h200_table --kinds` derives
-# this set from it, and a test checks that they agree). Kind: (block_m, block_n, block_k, warps, stages,
+# benchmarks/results/gemm_hopper_nvidia-h200_2026-11-30.json; `python -m benchmarks.hopper_table RESULT --kinds`
+# derives this set from it, and a test checks that they agree). Kind: (block_m, block_n, block_k, warps, stages,
 # schedule, tma) with schedule "dp" (data-parallel), "split" (split-K, the factor the candidate rule picks for the
-# shape), "sk1" / "sk2" (stream-K, programs per SM) or "ws" (warp-specialised). Left out: stream-K with two
-# programs per SM and the pointer-load tile (never close), warp specialisation (hangs Triton 3.6, see
-# flat_gemm_hopper.WARP_SPEC_MIN_TRITON). 36 of the 91 candidate configs of that run remain: 7 tiles to compile
-# per epilogue instead of 10.
+# shape), "sk1" / "sk2" (stream-K, programs per SM) or "ws" (warp-specialised). Left out, never that close:
+# stream-K on the 4-warp tiles and with pointer loads, the 64x256 tile but its split-K, split-K on 128x256 and
+# 256x128; and warp specialisation (hung Triton 3.6, see flat_gemm_hopper.WARP_SPEC_MIN_TRITON). Of that run's
+# 45 distinct configs 25 remain, on 8 of its 11 compiled tiles (8 kernels to compile per epilogue, not 11).
 HOPPER_TUNE_KINDS = frozenset({
     (64, 128, 64, 4, 4, "dp", True), (64, 128, 64, 4, 4, "split", True),
     (64, 256, 64, 8, 4, "split", True),
