@@ -43,11 +43,12 @@ from .registry import FAMILIES, parse_impl
 from .table import DispatchTable, shape_key, user_table_path
 from .timing import time_graph_us
 
-# The runtime's token buckets (multiples of 16 up to 1024, then 32 / 64 / 128): small M for the GEMV and flat
-# families; 160-304 the pruned layers of one sample (SpecPrune: 150-290 rows); 608 an unpruned sample (602 rows);
-# 1216-2432 eight pruned samples, 4864 eight unpruned ones (configuration (e)); 448 the last layer's action rows
-# of eight samples. Above the last point the table says cuBLAS.
-M_GRID = [1, 8, 16, 32, 64, 128, 160, 192, 224, 256, 304, 448, 608, 768, 1216, 1536, 2048, 2432, 4864]
+# The M the runtime dispatches (its token buckets: multiples of 16 up to 1024, then of 32 / 64 / 128): 56 / 112 /
+# 224 / 448 the last layer's action rows of 1 / 2 / 4 / 8 samples; 160-304 the pruned layers of one sample
+# (SpecPrune: 150-290 rows); 608 an unpruned sample (602 rows); 1216-2432 eight pruned samples, 4864 eight
+# unpruned ones (configuration (e)). A rule serves M down to the previous point: M <= 56 gets the rule of 56; above
+# the last point the table says cuBLAS. (Decode-style M = 1-32, which the runtime never runs: --m 1 8 16 32 ...)
+M_GRID = [56, 64, 112, 128, 160, 192, 224, 256, 304, 448, 608, 768, 1216, 1536, 2048, 2432, 4864]
 VIT_BATCHES = [1, 8]  # the towers' M: rows per sample x these batch sizes (one policy call; configuration (e))
 ATTN_L_GRID = [64, 128, 256, 384, 512, 640, 768]
 ATTN_CONFIGS = [AttentionConfig(64, 64, 4, 3), AttentionConfig(64, 64, 4, 2), AttentionConfig(64, 64, 4, 4),
@@ -605,7 +606,10 @@ def main(argv=None) -> int:
     attn_configs = [c.name for c in ATTN_CONFIGS]
     attn_jobs = [CompileJob("attention", heads, head_dim, 128, name, args.dtype) for name in attn_configs
                  if args.attn_l]
-    jobs = compile_jobs(shapes, args.m, dtype, num_sms) + attn_jobs
+    # the Hopper family first, then the attention tiles, then the rest: under the wall limit the last ones may go
+    first = {"hopper": 0, "attention": 1}
+    jobs = sorted(compile_jobs(shapes, args.m, dtype, num_sms) + attn_jobs,
+                  key=lambda j: first.get("attention" if j.op == "attention" else j.impl.partition(":")[0], 2))
     limit = min(args.compile_timeout_s, budget.left() / 2)
     print(f"compiling {len(jobs)} kernel variants in {args.workers} processes (wall limit {limit:.0f} s)", flush=True)
     t0 = time.time()
