@@ -25,7 +25,7 @@ from vla_accel.kernels.registry import (  # noqa: E402
     hopper_kind,
     parse_impl,
 )
-from vla_accel.kernels.table import OPS, TABLE_DIR, choose, table_path  # noqa: E402
+from vla_accel.kernels.table import OPS, TABLE_DIR, choose, gpu_slug  # noqa: E402
 from vla_accel.kernels.tune import CompileJob, candidates, compile_signature, pick, precompile  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,7 +103,7 @@ def test_packaged_table_is_valid(path):
     kernel of ours is one the tuner would time at the rule's M on sm_90 (hence one it compiles), for the shape's op;
     every key is an op of the runtime with positive N, K; rules increase in M."""
     table = load_table(path)
-    assert table.rules and table.dtype == "bfloat16" and table_path(table.gpu) == path
+    assert table.rules and table.dtype == "bfloat16" and path.name == f"{gpu_slug(table.gpu)}.json"
     for key, rules in table.rules.items():
         op, _, nk = key.partition(":")
         n, k = map(int, nk.split("x"))
@@ -128,31 +128,33 @@ def test_packaged_table_picks_ours_only_where_measured_faster(path):
             assert pick(row["times_us"], row.get("spread", 0.0), margin) == impl, (key, m_max)
 
 
-def test_h200_table_is_derived_from_the_committed_result():
-    """kernels/tables/nvidia-h200.json is `python -m benchmarks.hopper_table <result> --out ...` of the committed
-    H200 benchmark result: same rules; every rule at a measured M (or just below the first one, cuBLAS); cuBLAS
-    wherever ours was not faster beyond the spread."""
+def test_h200_table_derived_from_the_committed_result():
+    """`python -m benchmarks.hopper_table <result> --out ...` on the committed H200 benchmark result: every rule at a
+    measured M (or just below the first one, cuBLAS); cuBLAS wherever ours was not faster beyond the spread. The
+    packaged kernels/tables/nvidia-h200.json is that table until a vla-accel-tune run on the H200 replaces it."""
     result = json.loads(H200_RESULT.read_text())
     derived = table_from_result(result, source=str(H200_RESULT.relative_to(ROOT)))
     packaged = load_table(TABLE_DIR / "nvidia-h200.json")
-    assert packaged.rules == derived.rules and packaged.gpu == "NVIDIA H200"
-    assert packaged.meta["source"] == "benchmarks/results/gemm_hopper_nvidia-h200_2026-11-30.json"
+    assert packaged.gpu == derived.gpu == "NVIDIA H200"
+    if packaged.meta.get("derived_by") == "python -m benchmarks.hopper_table":
+        assert packaged.rules == derived.rules
+        assert packaged.meta["source"] == "benchmarks/results/gemm_hopper_nvidia-h200_2026-11-30.json"
     measured = {}
     for p in result["points"]:
         measured.setdefault(derived_key(p), set()).add(p["m"])
-    assert set(packaged.rules) == set(measured)
-    for key, rules in packaged.rules.items():
+    assert set(derived.rules) == set(measured)
+    for key, rules in derived.rules.items():
         first = min(measured[key])
         for m_max, impl in rules:
             assert m_max in measured[key] or (m_max == first - 1 and impl == "cublas"), (key, m_max)
     # the phase-1 finding: ours only at gate|up M = 64 and 128 (2.5-3.6 % faster); cuBLAS at M = 768 (the 1.4 %
     # there is within cuBLAS's 2.8 % repeat spread) and everywhere else
-    ours = {(k, m) for k, rules in packaged.rules.items() for m, impl in rules if impl != "cublas"}
+    ours = {(k, m) for k, rules in derived.rules.items() for m, impl in rules if impl != "cublas"}
     assert ours == {("gate_up_silu:22016x4096", 64), ("gate_up_silu:22016x4096", 128)}
-    assert choose(packaged, (22016, 4096), 56, "gate_up_silu") == "cublas"  # not measured below 64
-    assert choose(packaged, (22016, 4096), 100, "gate_up_silu").startswith("hopper:bm128")
-    assert choose(packaged, (22016, 4096), 768, "gate_up_silu") == "cublas"
-    assert choose(packaged, (4096, 4096), 208, "linear_residual") == "cublas"
+    assert choose(derived, (22016, 4096), 56, "gate_up_silu") == "cublas"  # not measured below 64
+    assert choose(derived, (22016, 4096), 100, "gate_up_silu").startswith("hopper:bm128")
+    assert choose(derived, (22016, 4096), 768, "gate_up_silu") == "cublas"
+    assert choose(derived, (4096, 4096), 208, "linear_residual") == "cublas"
 
 
 def derived_key(point: dict) -> str:
