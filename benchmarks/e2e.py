@@ -10,9 +10,15 @@ image pre-processing, identical for all, is done before and not timed), configur
   (c) accel: AccelRunner (our kernels, fused ops, CUDA graphs), unpruned
   (d) accel + SpecPrune (configs/prune/specprune.yaml: the paper's defaults), one stream
   (e) accel + SpecPrune, `--streams` trace streams in one batch (ragged kept counts), chunks/s
+  peer (--peer, off by default: ~90 s of compilation per shape on an H200): the strongest off-the-shelf
+      backbone, the stock transformers Llama body (weights shared) on one sequence of the (d) token count (its
+      mean, ~199) and of the (c) count (~602): under torch.compile(mode="max-autotune"), compiled once per shape
+      (compile time reported), and eager captured in one CUDA graph; compared with our backbone split of (d)/(c)
 Reported per configuration: chunk latency median / p90 (wall clock of the call incl. the host->device copy
 of the inputs and a final synchronize), the vision / backbone / head split (CUDA events), backbone tokens
-(mean rows per layer and sample), and the roofline floor at those token counts (roofline.py).
+(mean rows per layer and sample), and the roofline floor at those token counts (roofline.py), from the copy
+bandwidth and bf16 matmul rate measured on the device at the start of the run (both in the result file; the
+H100 constants only on a CPU or if the measurement fails).
 Checks: (c) and (d) against the reference path (d: the same pruning decisions replayed through the reference
 with KeepPlan), per chunk rel-L2 of the normalized actions <= --tol, and on a few steps against an fp32
 evaluation of the reference (accel error <= 2 x reference-bf16 error + 1e-3).
@@ -39,6 +45,7 @@ import numpy as np
 import torch
 
 CONFIGS = ("a", "b", "c", "d", "e")
+PEER_MODES = {"ma": "max-autotune", "graph": "one CUDA graph"}  # key part -> what the peer config runs
 LABELS = {"a": "(a) stock: HF LlamaModel + SDPA, eager", "b": "(b) reference, unpruned",
           "c": "(c) accel, unpruned", "d": "(d) accel + SpecPrune", "e": "(e) accel + SpecPrune, batched"}
 
@@ -358,6 +365,73 @@ def fp32_forward(model, args, decisions=None):
     return out
 
 
+def run_peer(model, tokens: int, mode: str, device, dtype, *, backend: str = "inductor", reps: int = 20,
+             warmup: int = 3) -> dict:
+    """The stock transformers Llama body (stock.hf_llama, weights shared) on one sequence of `tokens` rows with the
+    bidirectional mask of configuration (a). mode "ma": torch.compile(mode="max-autotune") compiled for this shape
+    (a backend other than inductor, e.g. "eager" for CPU tests, is compiled without a mode); "graph": eager, captured
+    in one CUDA graph (on a CPU: eager calls). -> {"latency_ms", "compile_s" (first call / capture), "rel_vs_eager"
+    (the output against the eager body's), ...}."""
+    from .stock import hf_llama
+
+    hf = hf_llama(model)
+    gen = torch.Generator(device=device).manual_seed(tokens)
+    embeds = torch.randn(1, tokens, model.cfg.llm.hidden, device=device, dtype=dtype, generator=gen)
+    pos = torch.arange(tokens, device=device)[None]
+    mask = torch.ones(1, 1, tokens, tokens, dtype=torch.bool, device=device)  # [B, 1, S, S]: every key visible
+
+    def body(module):
+        return module(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+
+    note = ""
+    with torch.inference_mode():
+        ref = body(hf).float()
+        t0 = time.perf_counter()
+        if mode == "ma":
+            torch._dynamo.reset()  # compiled once for this shape, from scratch
+            compiled = (torch.compile(hf, mode="max-autotune", dynamic=False) if backend == "inductor" else
+                        torch.compile(hf, backend=backend, dynamic=False))
+
+            def call():
+                if device.type == "cuda":
+                    torch.compiler.cudagraph_mark_step_begin()  # max-autotune replays CUDA graphs (cudagraph trees)
+                return body(compiled)
+
+            call()
+        elif device.type == "cuda":
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    body(hf)
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = body(hf)
+
+            def call():
+                graph.replay()
+                return static_out
+        else:
+            call, note = (lambda: body(hf)), f"eager: no CUDA graphs on {device.type}"
+        _sync(device)
+        compile_s = time.perf_counter() - t0
+        for _ in range(warmup):
+            call()
+        err = rel(call().float(), ref)
+        lat = []
+        for _ in range(reps):
+            marks = Marks(device)
+            marks.mark()
+            call()
+            marks.mark()
+            lat.append(marks.split(("call",))["call"])
+    if mode == "ma":
+        torch._dynamo.reset()
+    return {"latency_ms": stats(lat), "compile_s": compile_s, "rel_vs_eager": err, "tokens": tokens,
+            "mode": PEER_MODES[mode], "backend": backend if mode == "ma" else None, "note": note}
+
+
 # ---------------------------------------------------------------------------- main
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m benchmarks.e2e", description=__doc__,
@@ -383,6 +457,14 @@ def parse_args(argv):
     p.add_argument("--memory-limit-gb", type=float, default=24.0,
                    help="CUDA: cap the caching allocator at this many GiB while the model is built and (c)/(d)/(e) "
                         "run (torch.cuda.set_per_process_memory_fraction); 0 = no cap")
+    p.add_argument("--peer", action="store_true",
+                   help="also time the off-the-shelf peer (stock transformers Llama body under torch.compile "
+                        "max-autotune and in one CUDA graph) at the (d) and (c) token counts; ~90 s of "
+                        "compilation per shape")
+    p.add_argument("--peer-backend", default="inductor",
+                   help="torch.compile backend of the peer (max-autotune is inductor's mode; e.g. 'eager' to test "
+                        "the plumbing on a CPU)")
+    p.add_argument("--peer-reps", type=int, default=20, help="timed calls per peer configuration")
     p.add_argument("--targets", default=None, help="targets JSON (default benchmarks/targets.json)")
     p.add_argument("--out", default=None, help="folder for e2e.json / e2e.md")
     p.add_argument("--commit", default=os.environ.get("VLA_COMMIT", ""), help="git commit benchmarked")
@@ -395,7 +477,7 @@ def main(argv=None) -> dict:
     from vla_accel.prune import KeepPlan
     from vla_accel.runtime import AccelRunner, RuntimeConfig
 
-    from .roofline import floors
+    from .roofline import ceilings, describe, floors
 
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     bad = [c for c in configs if c not in CONFIGS]
@@ -409,6 +491,9 @@ def main(argv=None) -> dict:
                          f"(record a longer trace, or --allow-short for a smoke run)")
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    ceil = ceilings(device)  # before anything else holds memory; every floor of the run comes from these
+    print(f"ceilings: {describe(ceil)}", flush=True)
+    bw, rate = ceil["copy_bytes_per_s"], ceil["matmul_flops_per_s"]
     mem_cap = None
     if device.type == "cuda" and args.memory_limit_gb > 0:
         total = torch.cuda.get_device_properties(device).total_memory
@@ -430,14 +515,14 @@ def main(argv=None) -> dict:
         inputs.append((ids, pix, prop))
     n_tok = len(policy.batch_ids(inputs[0][0])[0][0]) + model.cfg.num_patch_tokens + model.cfg.num_action_tokens + 1
     L = model.cfg.llm.layers
-    results: dict = {"configs": {}, "checks": {}, "errors": {}}
+    results: dict = {"configs": {}, "checks": {}, "errors": {}, "ceilings": ceil}
     ref_actions = None
 
     def record(key, run, tokens):
         lat = stats(run["lat"])
         split = {k: stats([s[k] for s in run["splits"]])["median"] for k in ("vision", "backbone", "head")} \
             if run["splits"] else {}
-        fl = floors(model, tokens)
+        fl = floors(model, tokens, bw, rate)
         r = {"label": LABELS.get(key[0], key), "latency_ms": lat, "split_ms": split, "tokens_mean": fl["tokens_mean"],
              "floor_ms": fl["floor_ms"], "stage_floor_ms": fl["stage_floor_ms"], "floor_terms": fl,
              "ratio_to_floor": lat["median"] / fl["floor_ms"] if lat["median"] else None}
@@ -548,6 +633,30 @@ def main(argv=None) -> dict:
             results["errors"]["a"] = traceback.format_exc()
             print(f"[a] FAILED: {err}", flush=True)
 
+    # ---- the off-the-shelf peer: the stock Llama body at the (d) and (c) token counts
+    if args.peer:
+        d_tokens = results["configs"].get("d", {}).get("tokens_mean")
+        for role, tokens in (("d", round(d_tokens) if d_tokens else 199), ("c", n_tok)):
+            for mode, what in PEER_MODES.items():
+                key = f"peer_{mode}_{role}"
+                try:
+                    r = run_peer(model, tokens, mode, device, dtype, backend=args.peer_backend, reps=args.peer_reps)
+                except Exception as err:  # noqa: BLE001
+                    results["errors"][key] = traceback.format_exc()
+                    print(f"[{key}] FAILED: {err}", flush=True)
+                    continue
+                fl = floors(model, [[tokens] * L], bw, rate)
+                r.update({"label": f"peer: stock transformers Llama body, {what}, {tokens} tokens (({role})'s count)",
+                          "split_ms": {"backbone": r["latency_ms"]["median"]}, "tokens_mean": float(tokens),
+                          "floor_ms": fl["stages_ms"]["backbone"], "floor_terms": fl,
+                          "ratio_to_floor": r["latency_ms"]["median"] / fl["stages_ms"]["backbone"]})
+                ours = figure(results["configs"], f"{role}.split_ms.backbone")
+                r["ours_backbone_ms"] = ours
+                r["peer_over_ours"] = r["latency_ms"]["median"] / ours if ours else None
+                results["configs"][key] = r
+                print(f"[{key}] median {r['latency_ms']['median']:.2f} ms, compile {r['compile_s']:.1f} s, rel vs "
+                      f"eager {r['rel_vs_eager']:.2e}; ours (backbone of ({role})) {ours} ms", flush=True)
+
     # ---- equivalence checks. fp32 anchor first: the reference's own bf16 error sets the tolerance
     ck = results["checks"]
     anchors = []
@@ -634,10 +743,13 @@ def _version(name):
 
 
 def markdown(res: dict) -> str:
+    from .roofline import describe
+
     env, cf = res["env"], res["configs"]
     lines = [f"# End-to-end OFT policy benchmark ({env['preset']}, random {env['dtype']} weights)", "",
              f"device: {env['device']} | date: {env['date']} | commit: {env['commit'] or '?'} | torch {env['torch']}"
              f" | triton {env['triton']} | trace: {env['steps']} steps of {env.get('trace_meta') or env['trace']}", "",
+             f"Ceilings (every floor below uses them): {describe(res['ceilings'])}", "",
              "| configuration | chunk median ms | p90 ms | vision ms | backbone ms | head ms | pruning plan (host) ms "
              "| backbone tokens | floor ms | median / floor | chunks/s |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -649,13 +761,23 @@ def markdown(res: dict) -> str:
         r = cf[key]
         lat, sp = r["latency_ms"], r["split_ms"]
         floor = r.get("floor_at_mean_tokens_ms", r["floor_ms"])
-        cps = r.get("chunks_per_s") or (1e3 / lat["median"] if lat["median"] else None)
+        peer = key.startswith("peer")  # a backbone alone: no chunks
+        cps = r.get("chunks_per_s") or (1e3 / lat["median"] if lat["median"] and not peer else None)
         label = r["label"] + (f" {r['runtime']}" if "runtime" in r else "")
         hook_ms = (r.get("hook_host_ms") or {}).get("median")
         lines.append(f"| {label} | {f(lat['median'])} | {f(lat['p90'])} | {f(sp.get('vision'))} | "
                      f"{f(sp.get('backbone'))} | {f(sp.get('head'))} | {f(hook_ms)} | "
                      f"{f(r['tokens_mean'], 1)} | {f(floor)} | "
                      f"{f(lat['median'] / floor if lat['median'] else None)} | {f(cps, 1)} |")
+    peers = [k for k in sorted(cf) if k.startswith("peer")]
+    if peers:
+        lines += ["", "Peer (backbone only; floor: the backbone stage's): compile time, and against our backbone split "
+                      "of the configuration whose token count it runs:"]
+        for k in peers:
+            r = cf[k]
+            lines.append(f"- {k}: {r['label']}: {f(r['latency_ms']['median'])} ms, compile {f(r['compile_s'], 1)} s, "
+                         f"ours {f(r['ours_backbone_ms'])} ms, peer / ours {f(r['peer_over_ours'])}"
+                         + (f" ({r['note']})" if r.get("note") else ""))
     lines += ["", "Targets:"]
     for k, v in res.get("targets", {}).items():
         lines.append(f"- {k}: {json.dumps({a: (round(b, 3) if isinstance(b, float) else b) for a, b in v.items()})}")

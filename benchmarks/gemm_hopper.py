@@ -1,16 +1,19 @@
 """Hopper flat-GEMM benchmark (issue 15): measured ceilings and floors, correctness, cuBLAS vs flat_gemm_hopper.
 
-    python benchmarks/gemm_hopper.py --out "$OUT"                # GPU (H100 / H200): ~3 min; the table is printed last
-    python benchmarks/gemm_hopper.py --dry-run --out /tmp/gh     # CPU: the whole pipeline, tiny shapes, interpreter
+    python -m benchmarks.gemm_hopper --out "$OUT"                # GPU (H100 / H200): ~3 min; the table is printed last
+    python -m benchmarks.gemm_hopper --dry-run --out /tmp/gh     # CPU: the whole pipeline, tiny shapes, interpreter
 
-Needs `vla_accel` importable (an editable install, or the checkout's package map: see benchmarks/hopper_gemm_notes.md).
+Run from a checkout root with `vla_accel` importable (an editable install, or the checkout's package map: see
+benchmarks/hopper_gemm_notes.md).
 
 In order:
-1. Ceilings, measured in this run: device-to-device copy bandwidth (bytes read + bytes written, 1 GiB buffers,
-   median of 10) and the bf16 8192^3 matmul rate on random data (median of 10 after 3 warm-ups). Every floor comes
-   from them: floor = max(bytes / bandwidth, flops / rate); bytes = weight + activations in (x, and the residual
-   where there is one) + output, each once; flops = 2 M N K (N: weight rows, both halves when gated).
-2. Every distinct kernel variant is compiled once, in parallel processes (Triton's disk cache), before any timing.
+1. Ceilings, measured in this run (benchmarks/roofline.py `measure_ceilings`, shared with the other benchmarks):
+   device-to-device copy bandwidth (bytes read + bytes written, 1 GiB buffers) and the bf16 8192^3 matmul rate on
+   random data, medians of 10 after 3 warm-ups. Every floor comes from them: floor = max(bytes / bandwidth,
+   flops / rate); bytes = weight + activations in (x, and the residual where there is one) + output, each once;
+   flops = 2 M N K (N: weight rows, both halves when gated).
+2. Every distinct kernel variant is compiled once, in parallel processes (Triton's disk cache; the tuner's
+   `precompile`, under a wall limit), before any timing.
 3. Per (op, M): a fp32 reference (torch.matmul on the same bf16 inputs, bias / residual / silu in fp32); every
    candidate runs once into a NaN-poisoned output and is kept only with rel-L2 <= 1e-2 and no NaN.
 4. Timing: one CUDA graph of n calls that rotate over copies of the weight (>= 3x the L2 between two uses of a
@@ -19,8 +22,8 @@ In order:
    the residual ops, F.linear + the Triton silu_mul for gate|up, F.linear with bias in the towers); the latter
    twice, for the spread.
 5. A compact table and the issue's targets, met or missed; $OUT/gemm_hopper.json (rewritten after every op, so a
-   timeout keeps what was measured) with every candidate's time and the best config per (op, M): what phase 2
-   builds the dispatch table from.
+   timeout keeps what was measured) with every candidate's time and the best config per (op, M), and its summary
+   $OUT/gemm_hopper.md (benchmarks/hopper_table.py, which also derives a dispatch table from the JSON).
 """
 
 from __future__ import annotations
@@ -30,15 +33,13 @@ import datetime as _dt
 import json
 import math
 import os
-import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 REL_TOL = 1e-2  # bf16 operands: rel-L2 between 1e-3 and 1e-2 against fp32 (METHOD.md); NaN never passes
-MARGIN = 0.01  # the table keeps cuBLAS unless ours is faster by more than this (as dispatch.build_rules does)
+MARGIN = 0.01  # the table keeps cuBLAS unless ours is faster by more than this and the spread (kernels.tune.pick)
 BACKBONE_MS = [208, 128, 256, 320, 608, 64, 448, 768]  # the targets' points first, in case the budget runs out
 
 
@@ -87,130 +88,42 @@ def dry_run_ops() -> list[Op]:
 # ---------------------------------------------------------------- timing
 
 class Timer:
-    """Median time per call (us) of fn(i), i = 0..n-1: replays of one CUDA graph (GPU), wall clock (CPU)."""
+    """Median time per call (us) of fn(i), i = 0..n-1: replays of one CUDA graph captured on the warm-up stream,
+    so that the kernels' per-stream tile counters exist before the capture (GPU); wall clock (CPU)."""
 
     def __init__(self, torch, device):
         self.torch, self.cuda = torch, device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.cuda else None
 
     def us(self, fn, n_calls: int, reps: int = 7) -> float:
-        torch = self.torch
-        if not self.cuda:
-            fn(0)
-            t0 = time.perf_counter()
-            for i in range(n_calls):
-                fn(i)
-            return (time.perf_counter() - t0) / n_calls * 1e6
-        # warm up on the capture stream itself: allocations and the kernels' per-stream tile counters exist before
-        # the capture, so the graph holds only the calls
-        self.stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.stream):
-            for i in range(min(n_calls, 2)):
-                fn(i)
-        self.stream.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=self.stream):
-            for i in range(n_calls):
-                fn(i)
-        graph.replay()
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        times = []
-        for _ in range(reps):
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) * 1e3 / n_calls)
-        del graph
-        return statistics.median(times)
+        if self.cuda:
+            from vla_accel.kernels.timing import time_graph_us
 
-
-def measure_ceilings(torch, device, dry: bool) -> dict:
-    """Copy bandwidth (read + write) and the bf16 matmul rate of this device, measured now."""
-    copy_bytes = (16 if dry else 1024) * 2**20
-    src = torch.randn(copy_bytes // 2, device=device, dtype=torch.bfloat16)
-    dst = torch.empty_like(src)
-    size = 512 if dry else 8192
-    dtype = torch.float32 if dry else torch.bfloat16  # the CPU has no fast bf16 matmul
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-
-    def timed(fn, warm: int, reps: int) -> float:  # median seconds per call, each call timed alone
-        for _ in range(warm):
-            fn()
-        out = []
-        for _ in range(reps):
-            if device.type == "cuda":
-                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                s.record()
-                fn()
-                e.record()
-                e.synchronize()
-                out.append(s.elapsed_time(e) * 1e-3)
-            else:
-                t0 = time.perf_counter()
-                fn()
-                out.append(time.perf_counter() - t0)
-        return statistics.median(out)
-
-    t_copy = timed(lambda: dst.copy_(src), 3, 10)
-    t_mm = timed(lambda: a @ b, 3, 10)
-    return {"copy_bytes_per_s": 2 * copy_bytes / t_copy, "copy_buffer_bytes": copy_bytes,
-            "matmul_flops_per_s": 2 * size ** 3 / t_mm, "matmul_size": size, "matmul_dtype": str(dtype)}
+            return time_graph_us(fn, n_calls, reps=reps, capture_stream=self.stream)
+        fn(0)
+        t0 = time.perf_counter()
+        for i in range(n_calls):
+            fn(i)
+        return (time.perf_counter() - t0) / n_calls * 1e6
 
 
 # ---------------------------------------------------------------- compilation (parallel processes)
 
-def compile_key(op: Op, cfg) -> tuple:
-    """What the kernel specialises on for this op and config (the schedule fields are run-time scalars; every real
-    N, K and row stride here is a multiple of 16, so the shapes share one specialisation per epilogue)."""
-    return (op.epilogue, cfg.tma or op.k % cfg.block_k == 0, cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps,
-            cfg.num_stages, cfg.tma, cfg.warp_spec)
-
-
 COMPILE_M = 768  # the compile run's M: enough tiles that persistent programs loop (a hang shows up here, not later)
+DISPATCH_OPS = {"none": ("linear", False), "bias": ("linear", True), "residual": ("linear_residual", False),
+                "gated": ("gate_up_silu", False)}  # epilogue -> (dispatch op, bias)
 
 
-def _compile_job(job: tuple) -> tuple[str, str | None, float]:
-    """Worker: run one (op, config) once at M = COMPILE_M with the real N and K; returns (config, error, seconds)."""
-    name, n, k, epilogue, cfg_name = job
-    t0 = time.time()
-    try:
-        import torch
-        from vla_accel.kernels.flat_gemm_hopper import flat_gemm_hopper
-        op = Op(name, n, k, epilogue, ())
-        x, w, bias, res = make_inputs(torch, op, COMPILE_M, torch.device("cuda"), copies=1)
-        flat_gemm_hopper(x, w[0], bias=bias, residual=res, gated=epilogue == "gated", config=cfg_name)
-        torch.cuda.synchronize()
-        return cfg_name, None, time.time() - t0
-    except Exception as e:  # noqa: BLE001 - reported; the config is dropped for this op
-        return cfg_name, f"{type(e).__name__}: {e}"[:300], time.time() - t0
+def compile_job(op: Op, cfg):
+    """The tuner's compile job for (op, config): the real N and K at M = COMPILE_M; and its compile signature
+    (the schedule fields are run-time scalars: one job per tile, load path and epilogue)."""
+    from vla_accel.kernels.tune import CompileJob, compile_signature
 
-
-def precompile(jobs: list[tuple], workers: int, timeout_s: float) -> tuple[dict[tuple, str], float]:
-    """Compile (and run once) every job in `workers` spawned processes; {job: error} and wall seconds. A job still
-    running after timeout_s (a compiler or a kernel that hangs) is failed and its process killed with the pool."""
-    import multiprocessing as mp
-    t0 = time.time()
-    failures = {}
-    if not jobs:
-        return failures, 0.0
-    pool = mp.get_context("spawn").Pool(workers)
-    try:
-        pending = [(job, pool.apply_async(_compile_job, (job,))) for job in jobs]
-        for job, result in pending:
-            try:
-                _, err, _ = result.get(timeout=max(1.0, t0 + timeout_s - time.time()))
-            except mp.TimeoutError:
-                err = f"no result within {timeout_s:.0f} s (hung?)"
-            except Exception as e:  # noqa: BLE001 - a dead worker: that job fails, the others go on
-                err = f"{type(e).__name__}: {e}"[:300]
-            if err:
-                failures[job] = err
-    finally:
-        pool.terminate()
-    return failures, time.time() - t0
+    kind, bias = DISPATCH_OPS[op.epilogue]
+    base = type(cfg)(cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages, tma=cfg.tma,
+                     warp_spec=cfg.warp_spec)
+    job = CompileJob(kind, op.n, op.k, COMPILE_M, base.name, "bfloat16", bias)
+    return job, compile_signature(kind, op.k, COMPILE_M, base.name, bias)
 
 
 # ---------------------------------------------------------------- one op
@@ -257,6 +170,7 @@ def cublas_calls(torch, op: Op, x, ws, bias, res, silu_mul):
 def run_op(ctx, op: Op, m: int, configs: list, deadline: float) -> dict:
     torch, device, timer = ctx["torch"], ctx["device"], ctx["timer"]
     from vla_accel.kernels.flat_gemm_hopper import flat_gemm_hopper
+    from vla_accel.kernels.tune import pick
     wbytes = op.n * op.k * 2
     copies = 1 if ctx["dry"] else max(2, math.ceil(3 * ctx["l2_bytes"] / wbytes))
     n_calls = 1 if ctx["dry"] else max(8, 2 * copies)
@@ -305,14 +219,13 @@ def run_op(ctx, op: Op, m: int, configs: list, deadline: float) -> dict:
         best = min(timed, key=timed.get)
         point["best"] = {"config": best, "us": timed[best]}
         ours = timed[best]
-        point["pick"] = "ours" if ours < point["cublas_us"] * (1 - MARGIN) else "cublas"
+        cub = min(point["cublas_us"], point["cublas_repeat_us"])
+        spread = abs(point["cublas_repeat_us"] - point["cublas_us"]) / cub
+        point["pick"] = "cublas" if pick({"cublas": cub, best: ours}, spread, MARGIN) == "cublas" else "ours"
     else:
         point["best"] = None
         point["pick"] = "cublas"
     point["dispatch_us"] = point["best"]["us"] if point["pick"] == "ours" else point["cublas_us"]
-    del x, ws, bias, res, ref
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return point
 
 
@@ -373,7 +286,7 @@ def print_table(result: dict) -> None:
               f"{short(best['config']) if best else '-'}")
     s = result["summary"]
     print(f"\nsum of the backbone GEMMs ({' + '.join(s['backbone_ops'])}), us; dispatched = ours where faster by "
-          f"> {MARGIN:.0%}, else cuBLAS")
+          f"> max({MARGIN:.0%}, cuBLAS's repeat spread), else cuBLAS")
     print(f"{'M':>5}{'floor':>9}{'cuBLAS':>9}{'ours':>9}{'dispatch':>10}{'speedup':>9}{'disp/fl':>9}{'cub/fl':>8}")
     for m, r in sorted(s["per_m"].items(), key=lambda kv: int(kv[0])):
         print(f"{m:>5}{r['floor_us']:>9.1f}{r['cublas_us']:>9.1f}{r['ours_us']:>9.1f}{r['dispatch_us']:>10.1f}"
@@ -405,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-s", type=float, default=200.0,
                     help="stop timing new candidates after this many seconds (the table still prints)")
     ap.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="compile processes")
+    ap.add_argument("--commit", default=os.environ.get("VLA_COMMIT", ""), help="git commit benchmarked")
     ap.add_argument("--compile-timeout-s", type=float, default=120.0,
                     help="compile phase wall limit; variants without a result by then are dropped")
     args = ap.parse_args(argv)
@@ -415,11 +329,14 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
     try:
-        from vla_accel.kernels.flat_gemm_hopper import candidates
+        from benchmarks.hopper_table import markdown
+        from benchmarks.roofline import describe, measure_ceilings
+        from vla_accel.kernels.flat_gemm_hopper import candidates, warp_spec_usable
+        from vla_accel.kernels.tune import precompile
     except ImportError as e:
-        print(f"cannot import vla_accel.kernels ({e}): install the checkout (pip install -e .) or map the package "
-              f"by hand: ln -sfn ../kernels vla_accel/kernels; PYTHONPATH=$PWD python3 {sys.argv[0]} ...",
-              file=sys.stderr)
+        print(f"cannot import vla_accel.kernels or benchmarks ({e}): run from a checkout root with the package "
+              f"installed (pip install -e .) or mapped by hand: ln -sfn ../kernels vla_accel/kernels; "
+              f"PYTHONPATH=$PWD python3 -m benchmarks.gemm_hopper ...", file=sys.stderr)
         return 2
 
     dry = args.dry_run
@@ -447,12 +364,16 @@ def main(argv: list[str] | None = None) -> int:
             g, u = gu.chunk(2, dim=-1)
             return torch.nn.functional.silu(g) * u
 
-    ceilings = measure_ceilings(torch, device, dry)
-    print(f"ceilings: copy {ceilings['copy_bytes_per_s'] / 1e12:.3f} TB/s, matmul "
-          f"{ceilings['matmul_flops_per_s'] / 1e12:.1f} TFLOP/s", flush=True)
+    # the CPU has no fast bf16 matmul: a small fp32 one there (the dry run only exercises the pipeline)
+    ceilings = (measure_ceilings(device, copy_bytes=16 * 2**20, size=512, dtype=torch.float32) if dry else
+                measure_ceilings(device))
+    print(f"ceilings: {describe(ceilings)}", flush=True)
+    if not warp_spec_usable(device):
+        print("warp-specialised (ws1) configs left out: they hang this Triton version on sm_90", flush=True)
 
     def configs_for(op: Op, m: int) -> list:
-        cfgs = candidates(m, op.n_out, op.k, gated=op.epilogue == "gated", num_sms=num_sms)
+        cfgs = [c for c in candidates(m, op.n_out, op.k, gated=op.epilogue == "gated", num_sms=num_sms)
+                if not c.warp_spec or warp_spec_usable(device)]
         if not dry:
             return cfgs
         kinds = {}  # one config per schedule kind keeps the interpreter's time bounded
@@ -462,30 +383,30 @@ def main(argv: list[str] | None = None) -> int:
         kinds.setdefault((True, False, False, first.tma), replace(first, split_k=2))
         return list(kinds.values())
 
-    jobs, seen = [], {}
+    jobs, seen = [], {}  # compile signature -> job
     for op in ops:
         for m in op.ms:
             for cfg in configs_for(op, m):
-                key = compile_key(op, cfg)
-                if key not in seen:
-                    base = type(cfg)(cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages,
-                                     tma=cfg.tma, warp_spec=cfg.warp_spec)
-                    seen[key] = (op.name, op.n, op.k, op.epilogue, base.name)
-                    jobs.append(seen[key])
+                job, sig = compile_job(op, cfg)
+                if sig not in seen:
+                    seen[sig] = job
+                    jobs.append(job)
     compile_failures: dict[str, dict[str, str]] = {}
     compile_s = 0.0
     if not dry:
         print(f"compiling {len(jobs)} kernel variants in {args.workers} processes ...", flush=True)
-        failed, compile_s = precompile(jobs, args.workers, args.compile_timeout_s)
-        for op in ops:  # a failed variant drops every config of that compile key for the ops that share it
+        t0 = time.time()
+        failed = precompile(jobs, args.workers, args.compile_timeout_s)
+        compile_s = time.time() - t0
+        for op in ops:  # a failed variant drops every config of that compile signature for the ops that share it
             for m in op.ms:
                 for cfg in configs_for(op, m):
-                    job = seen[compile_key(op, cfg)]
+                    job = seen[compile_job(op, cfg)[1]]
                     if job in failed:
                         compile_failures.setdefault(op.name, {})[cfg.name] = failed[job]
         print(f"compiled in {compile_s:.0f} s; {len(failed)} variants failed", flush=True)
         for job, err in failed.items():
-            print(f"  compile failed: {job}: {err}")
+            print(f"  compile failed: {job.label}: {err}")
 
     ctx = {"torch": torch, "device": device, "timer": Timer(torch, device), "dry": dry,
            "dtype": torch.float16 if dry else torch.bfloat16, "ceilings": ceilings, "silu_mul": silu_mul,
@@ -494,7 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     import triton
     result = {
         "format": "vla_accel.benchmarks.gemm_hopper/1",
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "commit": args.commit,
+        "command": "python -m benchmarks.gemm_hopper " + " ".join(sys.argv[1:] if argv is None else argv),
         "device": torch.cuda.get_device_name(device) if not dry else "cpu (dry run, interpreter)",
         "num_sms": num_sms, "torch": torch.__version__, "triton": triton.__version__,
         "dtype": str(ctx["dtype"]).replace("torch.", ""),
@@ -511,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     for op, m in order:
         t0 = time.time()
         point = run_op(ctx, op, m, configs_for(op, m), deadline)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the op's weight copies went with run_op's frame
         result["points"].append(point)
         best = point["best"]
         print(f"{op.name:<12} M={m:<5} floor {point['floor_us']:8.1f} us  cuBLAS {point['cublas_us']:8.1f}  "
@@ -520,7 +444,8 @@ def main(argv: list[str] | None = None) -> int:
         result["summary"] = summarize(result["points"], ops)
         path.write_text(json.dumps(result, indent=1) + "\n")
     print_table(result)
-    print(f"\nfull results: {path}")
+    (out_dir / "gemm_hopper.md").write_text(markdown(result))
+    print(f"\nfull results: {path} (summary: gemm_hopper.md)")
     return 0
 
 

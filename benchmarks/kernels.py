@@ -6,8 +6,9 @@ Writes kernels_<gpu>_<UTC date>.json (all figures, device, versions, date) and a
 
 GEMM: for the Llama-2-7B linear shapes (QKV, O, gate/up, down) and M in the grid, the time of cuBLAS (twice:
 the spread is the noise), the GEMV, the flat GEMM (default config, without and with split-K) and the
-dispatched choice of the table, with the roofline floor max(weight bytes / 2.96 TB/s, FLOPs / 750 TFLOP/s)
-and the fraction of it reached; the fused ops (gate*SiLU*up; residual add) against their torch equivalents.
+dispatched choice of the table, with the roofline floor max(weight bytes / copy rate, FLOPs / matmul rate) from
+the ceilings measured at the start of the run (benchmarks/roofline.py) and the fraction of it reached; the fused
+ops (gate*SiLU*up; residual add) against their torch equivalents.
 Attention: vs torch SDPA (each backend, best taken) at L in {64, ..., 640}, batch 1 and a ragged batch of 8,
 with errors vs an fp32 reference; the fallback rate of the unified-max softmax on calibrated
 real-model-like logits (and on adversarial ones). All times: median over replays of CUDA graphs.
@@ -32,13 +33,12 @@ from vla_accel.kernels.reference import attention_reference, linear_reference
 from vla_accel.kernels.table import DispatchTable, choose, choose_attention, default_table, gpu_slug, load_table
 from vla_accel.kernels.timing import time_graph_us
 from vla_accel.kernels.tune import (
-    M_GRID,
+    CompileJob,
     LinearShape,
     ShapeBuffers,
     attention_batches,
     compile_signature,
     environment,
-    model_linear_shapes,
     packed_qkv,
     precompile,
     rel_err,
@@ -47,10 +47,11 @@ from vla_accel.kernels.tune import (
 from vla_accel.model.config import preset
 from vla_accel.model.llama import silu_mul
 
-# The floor rule and its rates (H100, docs/flashdecoding-pp.md) live in one place: roofline.py.
-from .roofline import COPY_BW as PEAK_BW, MATMUL_RATE as PEAK_FLOPS, floor_ms
+# The floor rule and the ceilings (measured in the run) live in one place: roofline.py.
+from .roofline import ceilings, describe, floor_ms
 
 ATTN_L = [64, 128, 256, 384, 512, 640]
+M_GRID = [1, 8, 16, 32, 64, 128, 150, 200, 256, 300, 400, 512, 600]  # the H100 result's grid (comparable runs)
 
 
 def geomean(xs):
@@ -58,22 +59,9 @@ def geomean(xs):
     return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else float("nan")
 
 
-# ---------------------------------------------------------------- ceilings
-
-def measure_ceilings() -> dict:
-    dev = torch.device("cuda")
-    a = torch.empty(512 * 2**20, dtype=torch.uint8, device=dev).random_(0, 255)  # 512 MiB
-    b = torch.empty_like(a)
-    t_copy = time_graph_us(lambda i: b.copy_(a), 10)
-    x = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
-    y = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
-    t_mm = time_graph_us(lambda i: x @ y, 5)
-    return {"copy_bytes_per_s": 2 * a.numel() / (t_copy * 1e-6), "bf16_matmul_flop_per_s": 2 * 8192**3 / (t_mm * 1e-6)}
-
-
-def floor_us(n: int, k: int, m: int, bw: float = PEAK_BW, flops: float = PEAK_FLOPS) -> float:
-    # bf16 weights [n, k] read once; 2 m n k FLOPs
-    return 1e3 * floor_ms(n * k * 2, 2 * m * n * k, bw, flops)
+def floor_us(n: int, k: int, m: int, ceil: dict) -> float:
+    # bf16 weights [n, k] read once; 2 m n k FLOPs; the run's measured ceilings
+    return 1e3 * floor_ms(n * k * 2, 2 * m * n * k, ceil["copy_bytes_per_s"], ceil["matmul_flops_per_s"])
 
 
 # ---------------------------------------------------------------- GEMM
@@ -93,7 +81,8 @@ def gemm_impls(shape: LinearShape, m: int, table: DispatchTable, num_sms: int) -
     return impls
 
 
-def bench_gemm(shapes: list[LinearShape], m_grid: list[int], table: DispatchTable, log=print) -> list[dict]:
+def bench_gemm(shapes: list[LinearShape], m_grid: list[int], table: DispatchTable, ceil: dict,
+               log=print) -> list[dict]:
     dev = torch.device("cuda")
     num_sms = torch.cuda.get_device_properties(dev).multi_processor_count
     rows = []
@@ -122,7 +111,7 @@ def bench_gemm(shapes: list[LinearShape], m_grid: list[int], table: DispatchTabl
             for lbl, t in again.items():
                 times[lbl + "_first"], times[lbl] = times[lbl], min(times[lbl], t)
             n_out = s.n // 2 if gated else s.n
-            fl = floor_us(s.n, s.k, m)
+            fl = floor_us(s.n, s.k, m, ceil)
             row = {"shape": s.name, "op": s.op, "n": s.n, "k": s.k, "m": m, "n_out": n_out, "impls": impls,
                    "times_us": times, "rel_err_vs_fp32": errors, "floor_us": fl,
                    "floor_fraction": {lbl: fl / t for lbl, t in times.items()},
@@ -274,9 +263,7 @@ def write_markdown(path: Path, res: dict) -> None:
     lines = [f"# Kernel benchmark: {env['gpu']}, {env['date_utc']}", "",
              f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}. Command: `{res['command']}`. "
              "Times: median over CUDA-graph replays, weights rotated out of L2.", "",
-             f"Ceilings measured in this run: copy {res['ceilings']['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
-             f"bf16 matmul {res['ceilings']['bf16_matmul_flop_per_s'] / 1e12:.0f} TFLOP/s "
-             f"(floor uses {PEAK_BW / 1e12:.2f} TB/s and {PEAK_FLOPS / 1e12:.0f} TFLOP/s).", "",
+             f"Ceilings (every floor uses them): {describe(res['ceilings'])}.", "",
              "## GEMM targets (plain linear, 4 Llama-2-7B shapes x M grid)", ""]
     for key, val in s.items():
         lines.append(f"- {key}: {val}")
@@ -332,13 +319,15 @@ def main(argv=None) -> int:
     print(f"benchmarking on {env['gpu']}; table: {args.table or 'packaged'} ({len(table.rules)} keys)")
     t0 = time.time()
     res = {"environment": env, "command": "python -m benchmarks.kernels " + " ".join(argv), "table_gpu": table.gpu,
-           "table_rules": table.to_dict()["rules"], "floor_constants": {"bw": PEAK_BW, "flops": PEAK_FLOPS}}
-    res["ceilings"] = measure_ceilings()
-    print(f"ceilings: {res['ceilings']}")
+           "table_rules": table.to_dict()["rules"]}
+    res["ceilings"] = ceilings(torch.device("cuda"))
+    print(f"ceilings: {describe(res['ceilings'])}")
 
     llm = preset("7b").llm
     hidden, inter, heads, kv = llm.hidden, llm.intermediate, llm.heads, llm.kv_heads
-    plain = [s for s in model_linear_shapes(hidden, inter, heads, kv) if s.op == "linear"]
+    plain = [LinearShape("qkv", "linear", hidden + 2 * kv * (hidden // heads), hidden),
+             LinearShape("o", "linear", hidden, hidden), LinearShape("gate", "linear", inter, hidden),
+             LinearShape("down", "linear", hidden, inter)]
     fused = [LinearShape("gate_up", "gate_up_silu", 2 * inter, hidden),
              LinearShape("o", "linear_residual", hidden, hidden),
              LinearShape("down", "linear_residual", hidden, inter)]
@@ -352,11 +341,11 @@ def main(argv=None) -> int:
                     sig = compile_signature(s.op, s.k, m, impl) if impl != "cublas" else None
                     if sig is not None and sig not in seen:
                         seen.add(sig)
-                        jobs.append((s.op, s.n, s.k, m, impl, "bfloat16"))
-        fails = precompile(jobs, args.workers)
+                        jobs.append(CompileJob(s.op, s.n, s.k, m, impl, "bfloat16"))
+        fails = precompile(jobs, args.workers, 300.0)
         print(f"precompiled {len(jobs)} kernel runs in {time.time() - t0:.0f} s, {len(fails)} failures")
-        res["compile_failures"] = fails
-        res["gemm"] = bench_gemm(shapes, args.m, table)
+        res["compile_failures"] = [[job.label, err] for job, err in fails.items()]
+        res["gemm"] = bench_gemm(shapes, args.m, table, res["ceilings"])
         res["gemm_summary"] = gemm_summary(res["gemm"], ("linear",))
         res["fused_summary"] = {op: gemm_summary(res["gemm"], (op,)) for op in ("gate_up_silu", "linear_residual")}
         print(json.dumps(res["gemm_summary"], indent=1))

@@ -221,7 +221,8 @@ def _check(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, residual
     x, m, n, k = check_linear_args(x, w, residual, bias, gated)  # the flat GEMM's contract (gemm.py)
     if residual is not None and residual.device != x.device:
         raise ValueError(f"flat_gemm_hopper: residual on {residual.device} but x on {x.device}")
-    if out is not None and (out.shape != (m, n) or out.dtype != x.dtype or out.stride(1) != 1 or out.device != x.device):
+    if out is not None and (out.shape != (m, n) or out.dtype != x.dtype or out.stride(1) != 1
+                            or out.device != x.device):
         raise ValueError(f"flat_gemm_hopper: out must be [{m}, {n}] {x.dtype} on {x.device}, contiguous along N; got "
                          f"{tuple(out.shape)} {out.dtype} on {out.device}")
     if max(m * x.stride(0), w.shape[0] * w.stride(0), m * n) >= 2**31:
@@ -265,6 +266,24 @@ def _counters(device: torch.device, n: int) -> torch.Tensor:
     return buf
 
 
+# Warp specialisation hangs Triton 3.6 on sm_90: on the H200 (2026-11-30, benchmarks/results/gemm_hopper_nvidia-h200_
+# 2026-11-30.md) all 8 ws1 variants gave no result within 120 s (compile plus one launch), the other 28 built in
+# seconds. Later Triton versions are untested on a GPU: they are allowed (the tuner's compile wall limit guards them).
+WARP_SPEC_MIN_TRITON = (3, 7)
+
+
+def triton_version() -> tuple[int, int]:
+    import triton
+
+    major, minor = (int("".join(c for c in part if c.isdigit()) or 0) for part in triton.__version__.split(".")[:2])
+    return major, minor
+
+
+def warp_spec_usable(device: torch.device | str) -> bool:
+    """Whether ws1 configs may run on `device`: always in the interpreter (CPU), on a GPU from Triton 3.7 on."""
+    return torch.device(device).type != "cuda" or triton_version() >= WARP_SPEC_MIN_TRITON
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -288,6 +307,10 @@ def flat_gemm_hopper(x: torch.Tensor, w: torch.Tensor, *, bias: torch.Tensor | N
         return out
     if k == 0:
         return out.copy_(_empty_k_result(m, n, x, bias, residual, gated))
+    if cfg.warp_spec and not warp_spec_usable(x.device):
+        raise ValueError(f"flat_gemm_hopper: {cfg.name} is warp-specialised, which hangs Triton "
+                         f"{'.'.join(map(str, triton_version()))} on sm_90 (needs Triton >= "
+                         f"{'.'.join(map(str, WARP_SPEC_MIN_TRITON))}); use a ws0 config")
     w_gate, w_up = (w[:n], w[n:]) if gated else (w, w)
     sched = schedule(m, n, k, cfg, num_sms or _num_sms(x.device))
     if cfg.tma:

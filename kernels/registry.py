@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from . import flat_gemm_hopper as hopper, rowwise
 from .configs import GemmConfig, GemvConfig, auto_split_k
 from .gemm import GEMV_MAX_M, flat_gemm, gemv
 
@@ -75,8 +76,11 @@ def _parse_cublas(name: str) -> None:
 def _run_cublas(x, w, config, *, bias=None, residual=None, gated=False, inplace=False):
     if gated:
         y = F.linear(x, w)
-        inter = w.shape[0] // 2
-        h = F.silu(y[:, :inter]) * y[:, inter:]  # the model's SiLU * up (vla_accel.model.llama.silu_mul)
+        if y.is_cuda:  # what the runtime runs when the table says cuBLAS: F.linear + the Triton SiLU*up pass
+            h = rowwise.silu_mul(y)
+        else:
+            inter = w.shape[0] // 2
+            h = F.silu(y[:, :inter]) * y[:, inter:]  # the model's SiLU * up (vla_accel.model.llama.silu_mul)
         return h + bias if bias is not None else h
     if residual is not None:
         if inplace and bias is None:
@@ -117,7 +121,13 @@ def _smem_bytes(cfg: GemmConfig, gated: bool) -> int:
     return per_stage * cfg.num_stages
 
 
+FLAT_MAX_M_HOPPER = 128  # on sm_90 the flat family lost to cuBLAS by 13-100 % at every M > 128 of the H100 tune
+# (kernels/tables/nvidia-h100-80gb-hbm3.json, meta.profile); the Hopper family covers those M there
+
+
 def _flat_candidates(op: str, n: int, k: int, m: int, num_sms: int) -> list[str]:
+    if m > FLAT_MAX_M_HOPPER and _on_hopper():
+        return []
     gated = op == "gate_up_silu"
     n_out = n // 2 if gated else n
     bm = min(256, max(16, 1 << (m - 1).bit_length()))
@@ -152,9 +162,69 @@ def _flat_compile_key(op: str, k: int, m: int, cfg: GemmConfig) -> tuple:
             k % cfg.block_k == 0)
 
 
+# ---------------------------------------------------------------- Hopper flat GEMM (TMA + wgmma, split-K / stream-K)
+def _run_hopper(x, w, config, *, bias=None, residual=None, gated=False, inplace=False):
+    if config.tma and not (hopper.tma_ok(x) and hopper.tma_ok(w)):
+        # the table chose a TMA config for 16-byte aligned operands; an unaligned view cannot back a descriptor
+        return _run_cublas(x, w, None, bias=bias, residual=residual, gated=gated, inplace=inplace)
+    return hopper.flat_gemm_hopper(x, w, bias=bias, residual=residual, gated=gated,
+                                   out=residual if inplace and residual is not None else None, config=config)
+
+
+# The tuner's share of flat_gemm_hopper.candidates: the (tile, schedule) kinds that won or came within 5 % of the
+# best of the family, or of cuBLAS, at some point of the H200 run of benchmarks/gemm_hopper.py (2026-11-30,
+# benchmarks/results/gemm_hopper_nvidia-h200_2026-11-30.json; `python -m benchmarks.hopper_table RESULT --kinds`
+# derives this set from it, and a test checks that they agree). Kind: (block_m, block_n, block_k, warps, stages,
+# schedule, tma) with schedule "dp" (data-parallel), "split" (split-K, the factor the candidate rule picks for the
+# shape), "sk1" / "sk2" (stream-K, programs per SM) or "ws" (warp-specialised). Left out, never that close:
+# stream-K on the 4-warp tiles and with pointer loads, the 64x256 tile but its split-K, split-K on 128x256 and
+# 256x128; and warp specialisation (hung Triton 3.6, see flat_gemm_hopper.WARP_SPEC_MIN_TRITON). Of that run's
+# 45 distinct configs 25 remain, on 8 of its 11 compiled tiles (8 kernels to compile per epilogue, not 11).
+HOPPER_TUNE_KINDS = frozenset({
+    (64, 128, 64, 4, 4, "dp", True), (64, 128, 64, 4, 4, "split", True),
+    (64, 256, 64, 8, 4, "split", True),
+    (128, 64, 64, 4, 4, "dp", True), (128, 64, 64, 4, 4, "split", True),
+    (128, 128, 64, 8, 4, "dp", True), (128, 128, 64, 8, 4, "split", True), (128, 128, 64, 8, 4, "sk1", True),
+    (128, 128, 64, 8, 4, "dp", False),  # pointer loads: 1.02x cuBLAS at gate|up M = 128
+    (128, 128, 128, 8, 3, "dp", True), (128, 128, 128, 8, 3, "split", True), (128, 128, 128, 8, 3, "sk1", True),
+    (128, 256, 64, 8, 3, "dp", True), (128, 256, 64, 8, 3, "sk1", True),
+    (256, 128, 64, 8, 3, "dp", True), (256, 128, 64, 8, 3, "sk1", True),
+})
+HOPPER_MIN_M = 33  # below, one 64-row tile is more than half padding: the GEMV / flat families serve M <= 32
+
+
+def hopper_kind(cfg: hopper.HopperGemmConfig) -> tuple:
+    """(block_m, block_n, block_k, warps, stages, schedule, tma) of a config: what HOPPER_TUNE_KINDS lists."""
+    sched = ("ws" if cfg.warp_spec else "split" if cfg.split_k > 1 else f"sk{cfg.stream_k}" if cfg.stream_k
+             else "dp")
+    return (cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages, sched, cfg.tma)
+
+
+def _on_hopper() -> bool:
+    # without a GPU (tests, the interpreter) the candidates are listed as for an H100 / H200
+    return not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] == 9
+
+
+def _hopper_candidates(op: str, n: int, k: int, m: int, num_sms: int) -> list[str]:
+    if m < HOPPER_MIN_M or not _on_hopper():
+        return []
+    gated = op == "gate_up_silu"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return [c.name for c in hopper.candidates(m, n // 2 if gated else n, k, gated=gated, num_sms=num_sms)
+            if hopper_kind(c) in HOPPER_TUNE_KINDS and (not c.warp_spec or hopper.warp_spec_usable(device))]
+
+
+def _hopper_compile_key(op: str, k: int, m: int, cfg: hopper.HopperGemmConfig) -> tuple:
+    # the schedule (split_k, stream_k) is run-time scalars: one kernel per tile, pipeline, load path and epilogue
+    return (op, "hopper", cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages, cfg.tma,
+            cfg.warp_spec, cfg.tma or k % cfg.block_k == 0)
+
+
 # ---------------------------------------------------------------- the families, in the tuner's order
 register(GemmFamily("cublas", _parse_cublas, _run_cublas, example="cublas"))
 register(GemmFamily("gemv", GemvConfig.parse, _run_gemv, _gemv_candidates, _gemv_compile_key,
                     example=GemvConfig().name))
 register(GemmFamily("flat", GemmConfig.parse, _run_flat, _flat_candidates, _flat_compile_key,
                     example=GemmConfig().name))
+register(GemmFamily("hopper", hopper.HopperGemmConfig.parse, _run_hopper, _hopper_candidates, _hopper_compile_key,
+                    example=hopper.HopperGemmConfig().name))

@@ -7,9 +7,15 @@ import statistics
 import torch
 
 
-def time_graph_us(fn, n_calls: int, *, reps: int = 7) -> float:
-    """Median time per call (microseconds) of fn(i), i = 0..n_calls-1, captured in one CUDA graph."""
-    stream = torch.cuda.Stream()
+def time_graph_us(fn, n_calls: int, *, reps: int = 7, capture_stream: torch.cuda.Stream | None = None) -> float:
+    """Median time per call (microseconds) of fn(i), i = 0..n_calls-1, captured in one CUDA graph.
+
+    capture_stream None: warm-up on a fresh side stream, capture on torch's default capture stream, as the
+    runtime's graph cache does (so per-stream state a kernel creates on first use, such as the Hopper GEMM's tile
+    counters, is captured as the runtime captures it). A stream: warm-up and capture both on it (the kernels
+    alone: their per-stream state exists before the capture).
+    """
+    stream = capture_stream or torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for i in range(min(n_calls, 3)):
@@ -17,7 +23,7 @@ def time_graph_us(fn, n_calls: int, *, reps: int = 7) -> float:
     torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=capture_stream):
         for i in range(n_calls):
             fn(i)
     graph.replay()

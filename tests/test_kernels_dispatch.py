@@ -93,6 +93,19 @@ def test_build_rules_picks_fastest_and_merges():
     ]
     assert build_rules(points) == [(1, GEMV), (16, FLAT_S), (600, "cublas")]
     assert build_rules(points, margin=0.0) == [(1, GEMV), (16, FLAT_S), (256, FLAT_L), (600, "cublas")]
+    # a measured repeat spread larger than the margin is the bar instead: 9 us vs 10 is 10 % faster
+    spread = [(16, {"cublas": 10.0, FLAT_L: 9.0}, 0.05), (32, {"cublas": 10.0, FLAT_L: 9.0}, 0.12)]
+    assert build_rules(spread) == [(16, FLAT_L), (32, "cublas")]
+
+
+def test_pick_keeps_cublas_unless_faster_beyond_margin_and_spread():
+    from vla_accel.kernels.tune import pick
+
+    assert pick({"cublas": 10.0, FLAT_L: 9.8}) == FLAT_L  # 2 % > the 1 % margin
+    assert pick({"cublas": 10.0, FLAT_L: 9.8}, spread=0.03) == "cublas"  # but within a 3 % spread
+    assert pick({"cublas": 10.0, FLAT_L: 9.9}) == "cublas"  # exactly at the margin: cuBLAS
+    assert pick({"cublas": 10.0, FLAT_L: 11.0, GEMV: 12.0}) == "cublas"
+    assert pick({FLAT_L: 11.0, GEMV: 12.0}) == FLAT_L  # no cuBLAS time: the fastest
 
 
 def test_config_names_roundtrip():
@@ -109,10 +122,32 @@ def test_gpu_slug():
 
 
 def test_llama_7b_shapes():
+    """The tuner's keys are the runtime's calls: QKV plain, O and down with the residual, gate|up with SiLU."""
     shapes = {s.name: (s.op, s.n, s.k) for s in model_linear_shapes(4096, 11008, 32)}
-    assert shapes == {"qkv": ("linear", 12288, 4096), "o": ("linear", 4096, 4096),
-                      "gate": ("linear", 11008, 4096), "down": ("linear", 4096, 11008),
-                      "gate_up": ("gate_up_silu", 22016, 4096)}
+    assert shapes == {"qkv": ("linear", 12288, 4096), "o": ("linear_residual", 4096, 4096),
+                      "down": ("linear_residual", 4096, 11008), "gate_up": ("gate_up_silu", 22016, 4096)}
+
+
+def test_vit_shapes_from_the_preset():
+    """vla-accel-tune passes both towers of the 7B preset; their linears carry a bias and their own M grid."""
+    from vla_accel.kernels.tune import parse_args, shapes_from_args
+    from vla_accel.runtime.tune import tuner_argv
+
+    args = parse_args(tuner_argv(["--preset", "7b"]))
+    assert args.vit == [[1024, 4096, 522], [1152, 4304, 512]]  # DINOv2-L (1 + 4 + 256 tokens), SigLIP: x 2 images
+    shapes = {s.name: s for s in shapes_from_args(args)}
+    assert {k: (s.n, s.k) for k, s in shapes.items() if k.startswith("vit1152")} == {
+        "vit1152_qkv": (3456, 1152), "vit1152_proj": (1152, 1152), "vit1152_fc1": (4304, 1152),
+        "vit1152_fc2": (1152, 4304)}
+    assert shapes["vit1024_fc1"].ms == (522, 4176) and shapes["vit1024_fc1"].bias  # batch 1 and 8
+    assert shapes["vit1024_fc1"].key == "linear:4096x1024" and not shapes["qkv"].bias and shapes["qkv"].ms == ()
+    only = shapes_from_args(parse_args(["--dims", "8", "16", "2", "--vit", "4", "8", "10", "--vit-batches", "3",
+                                        "--only", "vit4_fc2"]))
+    assert [(s.name, s.n, s.k, s.ms) for s in only] == [("vit4_fc2", 4, 8, (30,))]
+    with pytest.raises(SystemExit, match="no such shape"):
+        shapes_from_args(parse_args(["--dims", "8", "16", "2", "--only", "gate"]))
+    with pytest.raises(SystemExit):
+        parse_args(["--dims", "8", "16", "2", "--vit", "4", "0", "10"])
 
 
 def test_dims_from_bare_text_config():
@@ -126,23 +161,31 @@ def test_dims_from_bare_text_config():
 
 
 def test_candidates_are_valid_and_include_cublas():
+    """Without a GPU the candidates are listed as for an H100 / H200 (sm_90): GEMV at M <= 4, the flat GEMM up to
+    M = 128, the Hopper GEMM from M = 33."""
     for m in (1, 8, 83, 150, 300, 600):
-        for op, n, k in (("linear", 4096, 11008), ("gate_up_silu", 22016, 4096)):
+        for op, n, k in (("linear_residual", 4096, 11008), ("gate_up_silu", 22016, 4096)):
             names = candidates(op, n, k, m, 132)
             assert names[0] == "cublas" and len(set(names)) == len(names)
-            DispatchTable(rules={f"{op}:{n}x{k}": [(m, name)] for name in names[1:2]})  # validates the name
-            assert any(name.startswith("flat") for name in names)
-            assert all(not name.startswith("gemv") for name in names) or m <= 4
+            DispatchTable(rules={f"{op}:{n}x{k}": [(m, name) for name in names[1:2]]})  # validates the name
+            families = {name.partition(":")[0] for name in names[1:]}
+            assert ("gemv" in families) == (m <= 4)
+            assert ("flat" in families) == (m <= 128)
+            assert ("hopper" in families) == (m >= 33)
 
 
 def test_compile_jobs_one_run_per_kernel_variant():
     shapes = model_linear_shapes(4096, 11008, 32)[1:2]  # the O projection
-    jobs = compile_jobs(shapes, [8, 16], torch.bfloat16, 132)
-    sigs = [compile_signature(op, k, m, impl) for op, n, k, m, impl, _ in jobs]
+    jobs = compile_jobs(shapes, [8, 16, 208, 608], torch.bfloat16, 132)
+    sigs = [compile_signature(j.op, j.k, j.m, j.impl, j.bias) for j in jobs]
     assert len(sigs) == len(set(sigs))
-    names = {(m, name) for m in (8, 16) for name in candidates("linear", 4096, 4096, m, 132)[1:]}
-    assert {compile_signature("linear", 4096, m, name) for m, name in names} == set(sigs)
-    assert len(jobs) < len(names)  # m = 8 and 16 share tiles; split factors > 1 share one kernel
+    names = {(m, name) for m in (8, 16, 208, 608) for name in candidates("linear_residual", 4096, 4096, m, 132)[1:]}
+    assert {compile_signature("linear_residual", 4096, m, name) for m, name in names} == set(sigs)
+    assert len(jobs) < len(names)  # m = 8 and 16 share tiles; split factors, stream-K and M share one kernel
+    assert {j.impl.partition(":")[0] for j in jobs} == {"flat", "hopper"}
+    # a bias is a different kernel (the towers' linears)
+    assert compile_signature("linear", 1024, 522, jobs[-1].impl, True) != compile_signature(
+        "linear", 1024, 522, jobs[-1].impl, False)
 
 
 # ---------------------------------------------------------------- calibration
@@ -296,6 +339,7 @@ def test_tuner_writes_where_asked_or_into_the_user_cache(tmp_path, monkeypatch):
     with pytest.raises(SystemExit):
         parse_args(["--dims", "8", "16"])
     # vla-accel-tune maps the project's presets onto --dims
-    assert tuner_argv(["--preset", "7b", "--m", "1"]) == ["--m", "1", "--dims", "4096", "11008", "32", "32"]
-    assert tuner_argv([])[-5:] == ["--dims", "4096", "11008", "32", "32"]  # default: 7b
+    towers = ["--vit", "1024", "4096", "522", "--vit", "1152", "4304", "512"]
+    assert tuner_argv(["--preset", "7b", "--m", "1"]) == ["--m", "1", "--dims", "4096", "11008", "32", "32"] + towers
+    assert tuner_argv([]) == ["--dims", "4096", "11008", "32", "32"] + towers  # default: 7b
     assert tuner_argv(["--config", "c.json"]) == ["--config", "c.json"]

@@ -29,18 +29,41 @@ def tiny_trace(path: Path, steps: int = 3) -> Path:
 
 @pytest.mark.slow
 def test_bench_e2e_smoke(tmp_path):
+    """Configurations (b)-(e) and the peer (--peer; torch.compile's "eager" backend stands in for inductor's
+    max-autotune on the CPU, the CUDA-graph variant runs eagerly there)."""
     trace = tiny_trace(tmp_path)
     e2e(["--trace", str(trace), "--preset", "tiny", "--device", "cpu", "--steps", "3", "--allow-short",
-              "--configs", "b,c,d,e", "--streams", "2", "--check-every", "1", "--out", str(tmp_path / "out")])
+              "--configs", "b,c,d,e", "--streams", "2", "--check-every", "1", "--out", str(tmp_path / "out"),
+              "--peer", "--peer-backend", "eager", "--peer-reps", "2"])
     res = json.loads((tmp_path / "out" / "e2e.json").read_text())
     assert not res["errors"], res["errors"]
     assert {"b", "c", "d", "d'", "e", "e'"} <= set(res["configs"])
     for key in ("c", "d", "e"):
         assert res["checks"][key]["pass"], res["checks"][key]
-    d = res["configs"]["d"]
-    assert d["tokens_mean"] < res["configs"]["c"]["tokens_mean"]  # SpecPrune pruned
+    c, d = res["configs"]["c"], res["configs"]["d"]
+    assert d["tokens_mean"] < c["tokens_mean"]  # SpecPrune pruned
     assert d["floor_at_mean_tokens_ms"] > 0 and len(d["tokens_per_layer_mean"]) == 8
-    assert (tmp_path / "out" / "e2e.md").read_text().startswith("# End-to-end")
+    # floors from the run's ceilings: on a CPU the H100 fallback, named as such
+    ceil = res["ceilings"]
+    assert ceil["source"].startswith("H100 constants") and ceil["copy_bytes_per_s"] == 2.96e12
+    terms = c["floor_terms"]
+    assert terms["bytes_ms"] == pytest.approx(terms["weight_gb"] * 1e9 / ceil["copy_bytes_per_s"] * 1e3)
+    assert terms["flops_ms"] == pytest.approx(terms["tflop"] * 1e12 / ceil["matmul_flops_per_s"] * 1e3)
+    # the peer: both modes at the (d) and (c) token counts, checked against the eager body; our backbone split (the
+    # peer targets' other figure) needs CUDA events: none on a CPU, so no ratio and no peer target there
+    for role, tokens in (("d", round(d["tokens_mean"])), ("c", c["tokens_mean"])):
+        for mode in ("ma", "graph"):
+            p = res["configs"][f"peer_{mode}_{role}"]
+            assert p["tokens"] == tokens and p["latency_ms"]["n"] == 2 and p["latency_ms"]["median"] > 0
+            assert p["rel_vs_eager"] < 1e-5  # fp32, the same operations
+            assert p["floor_ms"] == p["floor_terms"]["stages_ms"]["backbone"] > 0
+            assert p["ours_backbone_ms"] is None and p["peer_over_ours"] is None
+        ma = res["configs"][f"peer_ma_{role}"]
+        assert ma["backend"] == "eager" and ma["compile_s"] > 0 and ma["mode"] == "max-autotune"
+        assert "eager: no CUDA graphs" in res["configs"][f"peer_graph_{role}"]["note"]
+    assert not any(name.startswith("backbone_") for name in res["targets"])
+    md = (tmp_path / "out" / "e2e.md").read_text()
+    assert md.startswith("# End-to-end") and "Ceilings (every floor below uses them)" in md and "peer_ma_d" in md
 
 
 @pytest.mark.slow
@@ -77,6 +100,12 @@ def test_targets_are_data(tmp_path):
     assert got["d_le_1.3x_floor_at_mean_tokens"] == {"ratio": 1.25, "met": True}
     assert got["d_ge_4x_faster_than_a"] == {"ratio": 8.0, "met": True}
     assert "e_ge_4x_chunks_per_s_of_d" not in got  # (e) not measured: left out
+    assert "backbone_d_ge_1.6x_faster_than_max_autotune" not in got  # no --peer
+    configs["c"]["split_ms"], configs["d"]["split_ms"] = {"backbone": 10.0}, {"backbone": 4.0}
+    configs["peer_ma_c"], configs["peer_ma_d"] = {"latency_ms": {"median": 14.0}}, {"latency_ms": {"median": 6.0}}
+    got = check_targets(configs, load_targets())
+    assert got["backbone_c_ge_1.3x_faster_than_max_autotune"] == {"ratio": 1.4, "met": True}
+    assert got["backbone_d_ge_1.6x_faster_than_max_autotune"] == {"ratio": 1.5, "met": False}
     mine = tmp_path / "t.json"
     mine.write_text(json.dumps({"e2e": [{"name": "c fast", "ratio": ["c.latency_ms.median", "c.floor_ms"],
                                          "at_most": 1.2}]}))
