@@ -1,10 +1,11 @@
-"""CPU: the benchmarks (`python -m benchmarks.e2e`, `benchmarks.profile`) run end to end on the tiny model
+"""CPU: the benchmarks (`python -m benchmarks.e2e`, `benchmarks.profile_step`) run end to end on the tiny model
 (emulated graphs) and the e2e equivalence checks pass at fp32 tolerance; the targets are data; no installed module
 imports benchmarks/."""
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -68,9 +69,9 @@ def test_bench_e2e_smoke(tmp_path):
 
 @pytest.mark.slow
 def test_profile_smoke(tmp_path):
-    """`python -m benchmarks.profile` on the tiny model on CPU: every section runs and is written (the GPU-only
+    """`python -m benchmarks.profile_step` on the tiny model on CPU: every section runs and is written (the GPU-only
     parts -- kernel timings, sync audit, traces -- are left out there, and say so)."""
-    from benchmarks.profile import main as profile
+    from benchmarks.profile_step import main as profile
 
     trace = tiny_trace(tmp_path)
     profile(["--trace", str(trace), "--preset", "tiny", "--device", "cpu", "--steps", "3",
@@ -128,3 +129,10 @@ def test_no_installed_module_imports_benchmarks():
                          [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
                 offenders += [f"{path.relative_to(root)}: {n}" for n in names if n.split(".")[0] == "benchmarks"]
     assert offenders == []
+
+
+def test_no_benchmark_module_shadows_the_standard_library():
+    """`python benchmarks/x.py` puts benchmarks/ first on sys.path, so a module there named like a standard one
+    replaces it for every import: benchmarks/profile.py broke `import cProfile` (torch._dynamo) on the GPU."""
+    names = {p.stem for p in (Path(__file__).resolve().parents[1] / "benchmarks").glob("*.py")}
+    assert not names & set(sys.stdlib_module_names), sorted(names & set(sys.stdlib_module_names))

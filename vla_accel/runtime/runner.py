@@ -103,7 +103,7 @@ class AccelRunner:
         self.vision_attn = {"sdpa": "sdpa_dense" if cuda else "sdpa"}.get(self.ops.vision_attn, self.ops.vision_attn)
         if cuda and cfg.vision_attention == "auto":
             # torch SDPA on the dense [2B, H, S, d] view (cuDNN on an H100): 9.5 us per DINOv2 / SigLIP block at
-            # B = 1 against 11.8 / 12.5 us for FA2 varlen (benchmarks/profile.py, 2026-11-24)
+            # B = 1 against 11.8 / 12.5 us for FA2 varlen (benchmarks/profile_step.py, 2026-11-24)
             self.vision_attn = "sdpa_dense"
         m = model.cfg
         self.mcfg, self.L = m, m.llm.layers

@@ -1,6 +1,6 @@
 """Where the accelerated forward's time goes, on a GPU: kernels, idle gaps, the pruning plan's host path.
 
-    python -m benchmarks.profile --trace .devcarry/libero_spatial_t0.npz --out DIR     # GPU only
+    python -m benchmarks.profile_step --trace .devcarry/libero_spatial_t0.npz --out DIR     # GPU only
 
 The 7B architecture with random bf16 weights (as `python -m benchmarks.e2e`). Writes into DIR:
   summary.json     per section: wall ms per call, GPU busy ms per call (union of kernel intervals), idle share
