@@ -58,7 +58,10 @@ GL_DEBS = ("libegl1", "libglvnd0", "libopengl0", "libgl1", "libglx0", "libgles2"
 
 # What the bundle ships, beyond what the node has (NODE_PACKAGES). Specifiers come from pyproject.toml.
 # Resolved: downloaded with their dependencies, then the node's packages are dropped.
-RESOLVED = ("mujoco", "gymnasium", "hydra-core", "omegaconf")
+# The simulator stack, then vla_accel's own needs the GPU image lacks (simplejpeg: the pre-processing's JPEG decode;
+# the serve extra: vla-accel-serve and policy=remote). Missing simplejpeg stopped the first GPU run (2026-11-30).
+RESOLVED = ("mujoco", "gymnasium", "hydra-core", "omegaconf",
+            "simplejpeg", "uvicorn", "starlette", "websockets", "json-numpy")
 # Without dependencies: what they declare pulls in far more than LIBERO evaluation imports.
 NO_DEPS = {
     "hf-libero": "declares robomimic, wandb, thop, einops, hf-egl-probe and more that building and stepping "
@@ -102,9 +105,10 @@ def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
 
 
 def pyproject_specifiers() -> dict[str, str]:
-    """{canonical name: requirement string} from pyproject.toml's dependencies and its `libero` extra."""
+    """{canonical name: requirement string} from pyproject.toml's dependencies and its `libero` and `serve` extras."""
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    requirements = project["dependencies"] + project["optional-dependencies"]["libero"]
+    extras = project["optional-dependencies"]
+    requirements = project["dependencies"] + extras["libero"] + extras["serve"]
     return {canonical(re.split(r"[<>=!~\[; ]", req, maxsplit=1)[0]): req for req in requirements}
 
 
