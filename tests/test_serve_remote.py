@@ -23,7 +23,8 @@ def run_eval(tmp_path, name: str, *extra: str) -> tuple[dict, np.ndarray]:
     assert rc == 0, out[-3000:]
     summary = json.loads((run_dir / "results.json").read_text())
     records = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
-    return {"summary": summary, "records": records}, load_trace(trace)["action"]
+    run = json.loads((run_dir / "run.json").read_text())
+    return {"summary": summary, "records": records, "run": run}, load_trace(trace)["action"]
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +46,10 @@ def test_remote_eval_equals_local_eval(tmp_path, local_run, mode):
     assert remote["summary"]["policy"]["remote_mode"] == mode
     # the server's per-chunk information reaches the results (the forward's time on the server)
     assert all(ms is not None and ms > 0 for ms in rr["chunk_model_ms"])
+    # the remote run is fingerprinted by the server's policy: the same identity as the local policy's
+    served = remote["run"]["fingerprint_fields"]["policy"]["server"]
+    assert served["policy"] == local["run"]["fingerprint_fields"]["policy"]
+    assert served["prune"] == {"name": "none"} and served["runtime"]["name"] == "reference"
 
 
 def test_remote_policy_needs_a_url_and_a_server(tmp_path):

@@ -173,7 +173,9 @@ def run_eval(cfg: DictConfig) -> dict:
     assets = F.resolve_assets(rc)
     # 3. the run dir: the same evaluation (identity without device or scheduling), writable
     unnorm_key = ev.suites[0] if len(ev.suites) == 1 else None
-    fields = rc.fingerprint_fields(selection, F.policy_identity(rc.policy, unnorm_key))
+    # a remote policy is connected first (cheap): the run's identity is the server's policy
+    actor = F.build_actor(rc, unnorm_key=unnorm_key) if rc.policy.name == "remote" else None
+    fields = rc.fingerprint_fields(selection, F.policy_identity(rc.policy, unnorm_key, actor))
     info = {"fingerprint": fingerprint(fields), "fingerprint_fields": fields, "shard": ev.shard,
             "num_shards": ev.num_shards, "episodes_in_shard": len(mine), "episodes_total": len(selection),
             "config": OmegaConf.to_container(cfg, resolve=True)}
@@ -183,7 +185,8 @@ def run_eval(cfg: DictConfig) -> dict:
     todo = [k for k in mine if k not in done]
 
     # 4. the policy and what it needs (tokenizer, prompt length), before any simulator starts
-    actor = F.build_actor(rc, unnorm_key=unnorm_key)
+    if actor is None:
+        actor = F.build_actor(rc, unnorm_key=unnorm_key)
     F.check_prompts(actor, [catalog.instruction(s, t) for s, t in dict.fromkeys((k.suite, k.task_id) for k in todo)])
     desc = dict(actor.describe())
     device = desc.get("device_name") or F.device_name(str(desc.get("device", "cpu")))  # device_name: remote policy

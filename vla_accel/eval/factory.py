@@ -63,9 +63,15 @@ def device_name(device: str) -> str:
     return f"{model} ({os.cpu_count()} cores)"
 
 
-def policy_identity(cfg: PolicyConfig, unnorm_key: str | None) -> dict:
+def policy_identity(cfg: PolicyConfig, unnorm_key: str | None, actor: Any = None) -> dict:
     """What of the policy settings decides the results: the weights, the compute dtype (resolved:
-    `auto` is bfloat16 on CUDA, float32 on CPU) and the statistics key; not the device it runs on."""
+    `auto` is bfloat16 on CUDA, float32 on CPU) and the statistics key; not the device it runs on.
+    policy=remote: the server's own identity (its weights, dtype, key, pruning and runtime), which
+    `actor` (the connected RemoteActor) learnt from the server's metadata."""
+    if cfg.name == "remote":
+        if actor is None:
+            raise ValueError("policy=remote: the identity comes from the server; pass the connected actor")
+        return {"remote": True, "mode": actor.mode, "server": actor.identity()}
     dtype = str(resolve_dtype(cfg.dtype, resolve_device(cfg.device))).replace("torch.", "")
     if cfg.random:
         return {"random": True, "preset": cfg.preset, "seed": cfg.seed, "dtype": dtype}

@@ -53,7 +53,9 @@ def classify(err: BaseException, prepared: bool) -> tuple[int, str, str]:
     return 500, "error", f"{type(err).__name__}: {err}"
 
 
-def metadata(engine: Engine, cfg: ServeConfig) -> dict:
+def metadata(engine: Engine, cfg: ServeConfig, identity: dict | None = None) -> dict:
+    """What a client learns on connect (and from GET /info); `identity`: what of the policy decides
+    results (the eval's policy identity with pruning and runtime), which a remote eval fingerprints."""
     desc = engine.served.describe()
     try:  # the eval's name for the device (GPU model, or CPU model and cores); it imports the simulator stack
         from vla_accel.eval.factory import device_name
@@ -61,7 +63,8 @@ def metadata(engine: Engine, cfg: ServeConfig) -> dict:
         device_name = str
     return {"server": "vla-accel-serve", "mode": cfg.mode, "action_dim": 7, "chunk_size": 8,
             "max_batch": cfg.max_batch, "batch_window_ms": cfg.batch_window_ms, "policy": desc,
-            "device_name": device_name(str(desc.get("device", "cpu")))}
+            "device_name": device_name(str(desc.get("device", "cpu"))),
+            **({"identity": identity} if identity is not None else {})}
 
 
 def server_timing_header(timing: dict) -> str:
@@ -69,14 +72,14 @@ def server_timing_header(timing: dict) -> str:
                      ("prep_ms", "queue_ms", "compute_ms", "infer_ms")) + f", batch;desc={timing['batch_size']}"
 
 
-def build_app(engine: Engine, cfg: ServeConfig, metrics: Metrics):
+def build_app(engine: Engine, cfg: ServeConfig, metrics: Metrics, identity: dict | None = None):
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import JSONResponse, PlainTextResponse, Response
     from starlette.routing import Route, WebSocketRoute
     from starlette.websockets import WebSocket, WebSocketDisconnect
 
-    meta = metadata(engine, cfg)
+    meta = metadata(engine, cfg, identity)
 
     def error_response(err: BaseException, prepared: bool = False) -> Response:
         status, outcome, msg = classify(err, prepared)
@@ -268,13 +271,13 @@ def build_app(engine: Engine, cfg: ServeConfig, metrics: Metrics):
     return Starlette(routes=routes, lifespan=lifespan)
 
 
-def serve(actor, cfg: ServeConfig, *, on_ready=None) -> None:
+def serve(actor, cfg: ServeConfig, *, on_ready=None, identity: dict | None = None) -> None:
     """Runs the server until SIGINT / SIGTERM; then finishes the requests in flight (serve.shutdown_timeout_s)."""
     import uvicorn
 
     metrics = Metrics()
     engine = Engine(actor, cfg, metrics)
-    app = build_app(engine, cfg, metrics)
+    app = build_app(engine, cfg, metrics, identity)
 
     class Server(uvicorn.Server):
         async def startup(self, sockets=None):

@@ -21,9 +21,12 @@ log = logging.getLogger("vla_accel.serve")
 
 
 def build(cfg: DictConfig):
-    """(actor, ServeConfig) from the composed config; the actor through the eval's own construction path."""
+    """(actor, ServeConfig, identity) from the composed config; the actor through the eval's own
+    construction path; identity: what of the served policy decides results (weights' content hash,
+    dtype, statistics key, pruning, runtime), announced to clients so a remote eval's run dir is
+    fingerprinted by the server's policy."""
     from vla_accel.eval.config import ConfigError, run_config_from_hydra
-    from vla_accel.eval.factory import build_actor
+    from vla_accel.eval.factory import build_actor, policy_identity
 
     from .config import ServeConfig
 
@@ -33,11 +36,14 @@ def build(cfg: DictConfig):
     if rc.policy.name == "remote":
         raise ConfigError("vla-accel-serve needs a local policy (policy=random_tiny or policy=checkpoint), "
                           "not policy=remote")
-    return build_actor(rc), serve_cfg
+    actor = build_actor(rc)
+    identity = {"policy": policy_identity(rc.policy, actor.describe().get("unnorm_key")),
+                "prune": rc.prune, "runtime": rc.runtime}
+    return actor, serve_cfg, identity
 
 
 def run(cfg: DictConfig) -> None:
-    actor, serve_cfg = build(cfg)
+    actor, serve_cfg, identity = build(cfg)
     desc = actor.describe()
     log.info("policy: %s", {k: desc[k] for k in list(desc)[:8]})
     if desc.get("random_weights"):
@@ -48,7 +54,7 @@ def run(cfg: DictConfig) -> None:
         log.info("serving %s on %s:%d (mode=%s, max_batch=%d, window %g ms)", serve_cfg.protocol, serve_cfg.host,
                  serve_cfg.port, serve_cfg.mode, serve_cfg.max_batch, serve_cfg.batch_window_ms)
 
-    serve(actor, serve_cfg, on_ready=ready)
+    serve(actor, serve_cfg, on_ready=ready, identity=identity)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://vla_accel.configs", config_name="serve")

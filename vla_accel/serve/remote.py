@@ -66,6 +66,15 @@ class RemoteActor:
             raise RemoteError(f"the policy server refused stream {stream}'s request: {reply}")
         return unpackb(reply)
 
+    def identity(self) -> dict[str, Any]:
+        """What of the server's policy decides results (the eval's fingerprint): the identity the server
+        announces (weights' content hash, dtype, statistics key, pruning, runtime); from a server that
+        announces none, its policy description without the device it runs on."""
+        if isinstance(self.meta.get("identity"), dict):
+            return self.meta["identity"]
+        policy = self.meta.get("policy", {})
+        return {k: v for k, v in policy.items() if k not in ("device", "device_name")}
+
     # ---- actor interface -----------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
         return {**self.meta.get("policy", {}), "actor": f"remote ({self.meta['policy'].get('actor', '?')})",
