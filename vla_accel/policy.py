@@ -179,17 +179,20 @@ class Policy:
 
     def predict_batch(self, obs_list: Sequence[Obs], instructions: Sequence[str],
                       decisions: PruneDecisions | None = None) -> np.ndarray:
+        t_prep = time.perf_counter()
         ids, pixels, props = self.prepare(obs_list, instructions)
         _, lens = self.batch_ids(ids)
         t0 = time.perf_counter()
         norm, _ = self.predict_from_inputs(ids, pixels, props, decisions=decisions)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        latency = (time.perf_counter() - t0) * 1e3
+        t1 = time.perf_counter()
+        chunks = self.postprocess(norm.cpu().numpy())
         # backbone tokens per sample: BOS + prompt[1:] + 512 patches + proprio + 56 placeholders + stop
         tokens = (lens + self.cfg.num_patch_tokens + self.cfg.num_action_tokens + 1).tolist()
-        self.last_stats = {"latency_ms": latency, "batch_size": len(ids), "tokens": tokens}
-        return self.postprocess(norm.cpu().numpy())
+        self.last_stats = {"latency_ms": (t1 - t0) * 1e3, "batch_size": len(ids), "tokens": tokens,
+                           "prep_ms": (t0 - t_prep) * 1e3, "post_ms": (time.perf_counter() - t1) * 1e3}
+        return chunks
 
     def predict(self, obs: Obs, instruction: str) -> np.ndarray:
         return self.predict_batch([obs], [instruction])[0]
@@ -232,4 +235,5 @@ class ChunkedActor:
         chunks = self.policy.predict_batch(obs_list, instructions)
         st = self.policy.last_stats
         return chunks, [{"queried": True, "latency_ms": st["latency_ms"], "batch_size": len(chunks),
-                         "tokens_kept": st["tokens"][j]} for j in range(len(chunks))]
+                         "tokens_kept": st["tokens"][j], "prep_ms": st["prep_ms"], "post_ms": st["post_ms"]}
+                        for j in range(len(chunks))]

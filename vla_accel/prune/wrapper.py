@@ -178,6 +178,7 @@ class SpecPrune:
 
     def _query(self, obs_list, instructions, states: list[StreamState]):
         policy, cfg = self.policy, self.cfg
+        t_prep = time.perf_counter()
         ids, pixels, props = policy.prepare(obs_list, instructions)
         _, lens = policy.batch_ids(ids)
         images = self._model_images(pixels)  # [B, 2, 224, 224, 3]
@@ -211,7 +212,7 @@ class SpecPrune:
         norm, _ = policy.predict_from_inputs(ids, pixels, props, decisions=plan)
         if policy.device.type == "cuda":
             torch.cuda.synchronize(policy.device)
-        latency = (time.perf_counter() - t0) * 1e3
+        t1 = time.perf_counter()
         chunks = policy.postprocess(norm.cpu().numpy())
         self.last_plan = plan
         infos = []
@@ -221,7 +222,7 @@ class SpecPrune:
             st.last = {"images": images[b], "rules": s["rules"], "dropped_after": s["dropped_after"],
                        "static_layers": plan.static_layers, "mode": extra[b]["mode"]}
             infos.append({
-                "queried": True, "latency_ms": latency, "batch_size": B, "tokens_kept": s["tokens_kept"],
+                "queried": True, "latency_ms": (t1 - t0) * 1e3, "batch_size": B, "tokens_kept": s["tokens_kept"],
                 **extra[b],
                 "tokens_full": s["tokens_full"],
                 "kept_per_camera": s["kept_per_camera"],
@@ -232,6 +233,9 @@ class SpecPrune:
                 "gflops": round(s["flops"] / 1e9, 6),
                 "gflops_full": round(s["flops_full"] / 1e9, 6),
             })
+        post_ms = (time.perf_counter() - t1) * 1e3   # un-normalization and the plan's summary (host)
+        for info in infos:
+            info["prep_ms"], info["post_ms"] = (t0 - t_prep) * 1e3, post_ms
         return chunks, infos
 
     # ------------------------------------------------------------------ pictures
