@@ -223,7 +223,9 @@ class RolloutRunner:
             for ep in slots:       # interrupted or stopped: nothing half-written stays
                 if ep is not None:
                     self._discard(ep)
+            t = time.perf_counter()
             pool.close(polite=clean)
+            timing.add("shutdown", time.perf_counter() - t)
             self.stats.wall_s = time.perf_counter() - t0
             if sampler is not None:
                 self.stats.gpu = sampler.stop()

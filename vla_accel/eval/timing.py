@@ -24,6 +24,7 @@ the parts cover the run (tests/test_eval_timing.py checks the parts against the 
   policy_other    the rest of the actor calls (action queues, controller, calls that ran no forward)
   record          results lines, video frames, traces
   restart         replacing failed simulator workers
+  shutdown        closing the simulator workers at the end
   other           wall time outside every part above
 """
 
@@ -41,12 +42,12 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 PARTS = ("startup", "reset", "sim_step", "render", "obs_transfer", "sim_wait", "policy_prep", "policy_forward",
-         "graph_capture", "policy_post", "policy_other", "record", "restart")
+         "graph_capture", "policy_post", "policy_other", "record", "restart", "shutdown")
 GROUPS = {  # the printed summary's coarser view
     "simulator": ("sim_step", "render", "sim_wait", "reset"),
     "transfer": ("obs_transfer",),
     "policy": ("policy_prep", "policy_forward", "graph_capture", "policy_post", "policy_other"),
-    "start-up": ("startup",),
+    "start/stop": ("startup", "shutdown"),
     "other": ("record", "restart", "other"),
 }
 
