@@ -189,7 +189,7 @@ def precaptured(tmp_path_factory):
 def test_precapture_runs_before_the_rollout_and_no_timed_chunk_captures(precaptured):
     run_dir, summary, records, out = precaptured
     pre = summary["timing"]["precapture"]
-    assert pre["ran"] and pre["batch_sizes"] == [3, 2, 1] and pre["graphs_captured"] > 0
+    assert pre["ran"] and pre["batch_sizes"] == [1, 2, 3] and pre["graphs_captured"] > 0
     assert pre["seconds"] <= summary["timing"]["parts_s"]["startup"]      # inside the start-up, not the loop
     # batch size 3 is not in runtime.batch_sizes' default [1, 2, 4, 8]: the eval added it (graphs, not eager)
     assert 3 in summary["policy"]["runtime"]["config"]["batch_sizes"]

@@ -41,8 +41,8 @@ EXIT_STOPPED = 3         # stopped early: errors in a row, policy faults, simula
 EXIT_INCOMPLETE = 4      # ran to the end, but episodes are recorded with an error or missing
 EXIT_INTERRUPTED = 130   # Ctrl-C (SIGINT)
 
-RANDOM_WEIGHTS_NOTE = ("NOTE: the policy has RANDOM weights (policy=random_tiny, no download): the success "
-                       "rates of this run say nothing about OpenVLA-OFT. For real numbers: policy=checkpoint "
+RANDOM_WEIGHTS_NOTE = ("NOTE: the policy has RANDOM weights (policy=random_tiny or random_7b, no download): the "
+                       "success rates of this run say nothing about OpenVLA-OFT. For real numbers: policy=checkpoint "
                        "policy.checkpoint=<dir or hub id> eval=full")
 
 
@@ -58,6 +58,8 @@ def pin_gpu(enabled: bool, job_num: int | None) -> str | None:
     if len(ids) < 2:
         return None
     os.environ["CUDA_VISIBLE_DEVICES"] = ids[job_num % len(ids)]
+    if os.environ["CUDA_VISIBLE_DEVICES"].isdigit():   # the simulators' EGL device too (robosuite reads it)
+        os.environ["MUJOCO_EGL_DEVICE_ID"] = os.environ["CUDA_VISIBLE_DEVICES"]
     return os.environ["CUDA_VISIBLE_DEVICES"]
 
 

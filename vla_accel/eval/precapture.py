@@ -1,8 +1,9 @@
 """Graph captures and compilation before the first timed chunk: forwards on made-up observations.
 
-    info = precapture(actor, batch_sizes=[8, 7, ..., 1], instructions=[...], image_size=256, steps=3)
+    info = precapture(actor, batch_sizes=[1, 2, ..., 8], instructions=[...], image_size=256, steps=3)
 
-For each batch size (largest first: a run's first forward serves every simulator) `steps` forwards run through
+For each batch size (smallest first, so that the graph cache, which drops the least recently used graphs beyond
+runtime.max_graphs, keeps the largest batch, which a run's first forwards use) `steps` forwards run through
 `actor.chunk_batch` on streams 0..B-1 with the run's first B instructions (so prompt lengths, hence token
 counts, are the run's) and a made-up scene: a smooth random image whose patches change a little more at each
 step, so pruning keeps more tokens from step to step and the captures cover several token buckets. The streams
@@ -60,7 +61,7 @@ def precapture(actor: Any, *, batch_sizes: Sequence[int], instructions: Sequence
         return {"ran": False, "why": "the policy has no CUDA-graph cache (runtime=reference, remote or a fake)"}
     if steps < 1 or not batch_sizes or not instructions:
         return {"ran": False, "why": "eval.precapture_steps=0" if steps < 1 else "nothing to run"}
-    sizes = sorted(set(batch_sizes), reverse=True)
+    sizes = sorted(set(batch_sizes))
     frames = observations(image_size, steps, max(sizes))
     texts = [instructions[k % len(instructions)] for k in range(max(sizes))]
     captures0, seconds0 = counter()
@@ -73,8 +74,13 @@ def precapture(actor: Any, *, batch_sizes: Sequence[int], instructions: Sequence
             forwards += 1
     actor.reset(list(range(max(sizes))))
     captures, seconds = counter()
+    cache = actor.policy.executor.graphs
+    if cache.evictions:
+        log.warning("the graph cache dropped %d graphs (runtime.max_graphs=%d): raise it, or they are captured again "
+                    "inside the rollout", cache.evictions, cache.max_graphs)
     info = {"ran": True, "batch_sizes": sizes, "steps": steps, "forwards": forwards,
-            "graphs_captured": captures - captures0, "capture_s": round(seconds - seconds0, 3)}
+            "graphs_captured": captures - captures0, "capture_s": round(seconds - seconds0, 3),
+            "graphs_evicted": cache.evictions}
     log.info("pre-capture: %d forwards, %d graphs captured (%.1f s of capture) for batch sizes %s", forwards,
              info["graphs_captured"], info["capture_s"], sizes)
     return info
