@@ -221,3 +221,64 @@ def test_without_precapture_the_capturing_chunks_are_flagged_and_left_out(tmp_pa
     assert flagged > 0 and summary["timing"]["forwards_with_capture"] > 0
     assert summary["latency"]["capture_chunks_excluded"] == flagged
     assert summary["latency"]["chunks"] == sum(len(r["chunk_ms"]) for r in records) - flagged
+
+
+# ---- eval.prepare_in_workers: the same results, the images prepared in the simulator workers -------------------
+
+
+@pytest.mark.parametrize("prune", ["specprune", "none"])
+def test_preparing_images_in_the_workers_changes_no_result(tmp_path, prune):
+    from vla_accel.envs import load_trace
+
+    runs = {}
+    for on in (False, True):
+        run_dir = tmp_path / f"prep_{on}"
+        args = [f"prune={prune}", "eval.num_envs=2", "eval.task_ids=[0,1]", "eval.episodes=[0,1]", "env.max_steps=12",
+                "env.image_size=64", "eval.progress=false", "eval.report=false", f"eval.prepare_in_workers={on}",
+                f"eval.record_trace={run_dir / 'traces'}", f"hydra.run.dir={run_dir}"]
+        rc, out = finish(launch(args), timeout=600)
+        assert rc == 0, out[-4000:]
+        summary = json.loads((run_dir / R.SUMMARY_FILE).read_text())
+        records = {R.key_of(r): r for r in R.read_records(run_dir / R.RESULTS_FILE)}
+        traces = {p.name: load_trace(p) for p in sorted((run_dir / "traces").glob("*.npz"))}
+        runs[on] = summary, records, traces
+    (s_off, rec_off, tr_off), (s_on, rec_on, tr_on) = runs[False], runs[True]
+    assert s_on["timing"]["parts_s"]["worker_prep"] > 0 and s_off["timing"]["parts_s"]["worker_prep"] == 0
+    assert rec_on.keys() == rec_off.keys() and len(rec_on) == 4 and tr_on.keys() == tr_off.keys()
+    for key, r in rec_off.items():
+        o = rec_on[key]
+        assert (o["success"], o["steps"], o["chunk_batch"], o["tokens_kept"]) == \
+            (r["success"], r["steps"], r["chunk_batch"], r["tokens_kept"]), key
+        assert o["chunk_extra"].get("kept_per_layer") == r["chunk_extra"].get("kept_per_layer"), key
+    for name, t in tr_off.items():
+        np.testing.assert_array_equal(tr_on[name]["action"], t["action"], err_msg=name)   # bit for bit
+
+
+def test_policy_and_specprune_take_prepared_images_only_for_their_own_spec():
+    import vla_accel
+    from vla_accel import processing as P
+    from vla_accel.prune.wrapper import Frame
+
+    policy = vla_accel.random_policy("tiny")
+    rng = np.random.default_rng(0)
+    obs = {"full_image": rng.integers(0, 256, (64, 64, 3), dtype=np.uint8),
+           "wrist_image": rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), "state": np.zeros(8, np.float32)}
+    prepared = policy.image_prep()(obs)                      # what a worker sends (picklable callable)
+    want = [P.prepare_image(obs[k], *policy.image_spec) for k in ("full_image", "wrist_image")]
+    for got, w in zip(P.model_images(prepared, policy.image_spec), want):
+        np.testing.assert_array_equal(got, w)
+    # prepare() uses what the observation carries (a marked copy shows it), and only for its own spec
+    marked = {**obs, P.MODEL_IMAGES: {"spec": policy.image_spec, "images": [np.zeros_like(w) for w in want]}}
+    _, pixels, _ = policy.prepare([marked], ["pick it up"])
+    _, zeros, _ = policy.prepare([{**obs, "full_image": np.zeros_like(want[0]), "wrist_image": np.zeros_like(want[1])}],
+                                 ["pick it up"])
+    assert torch_equal(pixels, zeros)
+    other = {**marked, P.MODEL_IMAGES: {**marked[P.MODEL_IMAGES], "spec": (policy.image_spec[0], False, True)}}
+    _, own, _ = policy.prepare([other], ["pick it up"])
+    _, plain, _ = policy.prepare([obs], ["pick it up"])
+    assert torch_equal(own, plain)
+    assert Frame(marked, policy.image_spec).model is not None and Frame(other, policy.image_spec).model is None
+
+
+def torch_equal(a, b) -> bool:
+    return bool((a == b).all())

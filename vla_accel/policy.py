@@ -16,6 +16,7 @@ passed in: `policy.with_executor(runner)` (vla_accel.runtime.make_executor build
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from collections import deque
 from typing import Any, Sequence
@@ -103,6 +104,16 @@ class Policy:
         return out
 
     # ------------------------------------------------------------------ pre-processing
+    @property
+    def image_spec(self) -> tuple[int, bool, bool]:
+        """(size, center_crop, jpeg): the arguments of processing.prepare_image for this policy."""
+        return self.cfg.image_size, self.center_crop, self.jpeg
+
+    def image_prep(self):
+        """A picklable obs -> obs that adds this policy's model-input images (processing.attach_model_images), for
+        the process that makes the observations; prepare() then uses them instead of computing them."""
+        return functools.partial(P.attach_model_images, spec=self.image_spec)
+
     def prepare(self, obs_list: Sequence[Obs], instructions: Sequence[str]):
         """-> (prompt id lists, pixel_values [B, 12, 224, 224], proprio [B, 8] normalized)."""
         if isinstance(instructions, str):
@@ -125,8 +136,9 @@ class Policy:
                                "state (8,)")
             if not isinstance(text, str) or not text.strip():
                 raise ValueError(f"instruction must be a non-empty string, got {text!r}")
-            imgs = [P.prepare_image(P.check_image(obs[k], k), size, self.center_crop, self.jpeg)
-                    for k in ("full_image", "wrist_image")]
+            imgs = P.model_images(obs, self.image_spec) or [
+                P.prepare_image(P.check_image(obs[k], k), size, self.center_crop, self.jpeg)
+                for k in ("full_image", "wrist_image")]
             P.to_pixel_values(imgs, self.image_norm, out=pixels[b])
             state = P.check_state(obs["state"], self.cfg.proprio_dim)
             props.append(P.normalize_proprio(state, self.proprio_stats))
@@ -211,6 +223,14 @@ class ChunkedActor:
     def reset(self, streams: Sequence[int]):
         for s in streams:
             self.queues[s] = deque()
+
+    def image_prep(self):
+        return self.policy.image_prep()
+
+    def wants_prepared(self, stream: int) -> bool:
+        """Will the next act_batch query this stream (its queue is empty), so its next observation's images are
+        pre-processed? (An observation made elsewhere may carry them: processing.attach_model_images.)"""
+        return not self.queues.get(stream)
 
     def act_batch(self, obs_list: Sequence[Obs], instructions: Sequence[str], streams: Sequence[int]):
         need = [i for i, s in enumerate(streams) if not self.queues.setdefault(s, deque())]

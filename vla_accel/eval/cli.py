@@ -240,7 +240,7 @@ def run_eval(cfg: DictConfig) -> dict:
                 max_consecutive_errors=ev.max_consecutive_errors,
                 worker_env=render_env(ev.render_threads), precapture=precapture,
                 gpu_device=str(desc["device"]) if cuda and ev.gpu_sample_s > 0 else None,
-                gpu_interval_s=ev.gpu_sample_s or 0.5)
+                gpu_interval_s=ev.gpu_sample_s or 0.5, prepare_in_workers=ev.prepare_in_workers)
             runner.run(todo)
     except KeyboardInterrupt:
         interrupted = True

@@ -126,6 +126,7 @@ class EvalConfig:
     precapture_steps: int = 3            # runtime=accel: forwards per batch size 1..num_envs on made-up frames before the first timed chunk, while the simulators start (graph captures, compilation); 0 = none
     gpu_sample_s: float = 0.5            # CUDA policies: GPU utilisation sampled every this many seconds during the rollout; 0 = not sampled
     report: bool = True                  # write <run dir>/report.png (matplotlib) at the end of the run
+    prepare_in_workers: bool = False     # the policy's image pre-processing (JPEG round trip, resize, crop) in the simulator workers for the observations it will use, instead of serially in the main process; results are identical (off until measured on the GPU machine)
 
     def __post_init__(self) -> None:
         if isinstance(self.suites, str):
@@ -162,8 +163,9 @@ class EvalConfig:
         if not (isinstance(self.gpu_sample_s, (int, float)) and not isinstance(self.gpu_sample_s, bool)
                 and self.gpu_sample_s >= 0):
             raise ConfigError(f"eval.gpu_sample_s must be a number >= 0 (0: not sampled); got {self.gpu_sample_s!r}")
-        if not isinstance(self.report, bool):
-            raise ConfigError(f"eval.report must be true or false; got {self.report!r}")
+        for name in ("report", "prepare_in_workers"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"eval.{name} must be true or false; got {getattr(self, name)!r}")
         if self.worker_context not in ("spawn", "forkserver"):
             raise ConfigError("eval.worker_context must be spawn or forkserver (EGL rendering does not "
                               f"survive fork); got {self.worker_context!r}")

@@ -166,6 +166,7 @@ class RolloutRunner:
         precapture: Callable[[], dict] | None = None,
         gpu_device: str | None = None,
         gpu_interval_s: float = 0.5,
+        prepare_in_workers: bool = False,
     ):
         self.actor = actor
         self.make_env = make_env
@@ -185,6 +186,13 @@ class RolloutRunner:
         self.precapture = precapture           # () -> dict: graph captures before the first timed chunk
         self.gpu_device, self.gpu_interval_s = gpu_device, gpu_interval_s   # a CUDA device: sample its utilisation
         self._graphs = graph_counter(actor)     # () -> (captures, seconds) of the actor's graph cache, or None
+        self._prepare = None                     # the actor's image pre-processing, run in the workers
+        if prepare_in_workers:
+            if hasattr(actor, "image_prep") and hasattr(actor, "wants_prepared"):
+                self._prepare = actor.image_prep()
+            else:
+                log.warning("eval.prepare_in_workers: this actor cannot take prepared images; they are prepared "
+                            "in the main process")
         self.stats = RunStats()
         self._trace_key: EpisodeKey | None = None
         self._queue: deque[EpisodeKey] = deque()
@@ -200,7 +208,8 @@ class RolloutRunner:
             self._trace_key = keys[0]          # a single file: the first episode of the run
         n = min(self.num_envs, len(keys))
         pool = WorkerPool(self.make_env, n, timeout_s=self.step_timeout_s, context=self.context,
-                          startup_timeout_s=max(STARTUP_TIMEOUT_S, self.step_timeout_s), env_vars=self.worker_env)
+                          startup_timeout_s=max(STARTUP_TIMEOUT_S, self.step_timeout_s), env_vars=self.worker_env,
+                          prepare=self._prepare)
         slots: list[_Episode | None] = [None] * n
         timing = self.stats.timing
         sampler = GpuSampler(self.gpu_device, self.gpu_interval_s).start() if self.gpu_device else None
@@ -282,7 +291,9 @@ class RolloutRunner:
         else:
             self._policy_faults = 0
 
-        requests = {i: ("step", actions[j]) for j, i in enumerate(active) if i not in bad}
+        prep = self._prepare is not None
+        requests = {i: ("step+prep" if prep and self.actor.wants_prepared(i) else "step", actions[j])
+                    for j, i in enumerate(active) if i not in bad}
         io0, t = pool.io_s, time.perf_counter()
         replies, failures = pool.request(requests, "step")
         timing.step_round(time.perf_counter() - t, pool.io_s - io0, [reply[-1] for reply in replies.values()])
@@ -314,8 +325,8 @@ class RolloutRunner:
                     break
                 key = self._queue.popleft()
                 slots[i] = _Episode(key=key, task=self.task_names.get((key.suite, key.task_id), ""), slot=i, started=t)
-                requests[i] = ("reset", {"suite": key.suite, "task_id": key.task_id, "episode": key.episode,
-                                         "seed": self.seed})
+                job = {"suite": key.suite, "task_id": key.task_id, "episode": key.episode, "seed": self.seed}
+                requests[i] = ("reset+prep" if self._prepare is not None else "reset", job)
             t = time.perf_counter()
             replies, failures = pool.request(requests, "reset")
             self.stats.timing.add("reset", time.perf_counter() - t)

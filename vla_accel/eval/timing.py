@@ -15,6 +15,8 @@ the parts cover the run (tests/test_eval_timing.py checks the parts against the 
   sim_step        waiting for simulator steps: the slowest worker's step time less its rendering
   render          the slowest worker's rendering per step (the env's time_render() estimate; envs without it
                   render inside sim_step)
+  worker_prep     the slowest worker's image pre-processing (eval.prepare_in_workers: the policy's images prepared
+                  in the simulator workers)
   obs_transfer    receiving the workers' replies in the main process (unpickling the observations)
   sim_wait        the rest of the step rounds: workers finishing at different times, their pickling, scheduling
   policy_prep     actor pre-processing (images, prompts, pruning plan), as the actor reports it (prep_ms)
@@ -41,12 +43,13 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-PARTS = ("startup", "reset", "sim_step", "render", "obs_transfer", "sim_wait", "policy_prep", "policy_forward",
+PARTS = ("startup", "reset", "sim_step", "render", "worker_prep", "obs_transfer", "sim_wait", "policy_prep",
+         "policy_forward",
          "graph_capture", "policy_post", "policy_other", "record", "restart", "shutdown")
 GROUPS = {  # the printed summary's coarser view
     "simulator": ("sim_step", "render", "sim_wait", "reset"),
     "transfer": ("obs_transfer",),
-    "policy": ("policy_prep", "policy_forward", "graph_capture", "policy_post", "policy_other"),
+    "policy": ("policy_prep", "policy_forward", "graph_capture", "policy_post", "policy_other", "worker_prep"),
     "start/stop": ("startup", "shutdown"),
     "other": ("record", "restart", "other"),
 }
@@ -69,21 +72,24 @@ class Timing:
 
     def step_round(self, round_s: float, io_s: float, infos: Sequence[dict]) -> None:
         """One step round of round_s seconds, io_s of them receiving; infos: the workers' step infos. The waiting
-        is the slowest worker's step (render, physics), then whatever remains (sim_wait)."""
+        is the slowest worker's step (its image pre-processing, render, physics), then whatever remains (sim_wait)."""
         io_s = min(max(io_s, 0.0), round_s)
         waiting = round_s - io_s
-        busy, render = 0.0, 0.0
+        busy, render, prep = 0.0, 0.0, 0.0
         for info in infos:
             b = float(info.get("busy_s") or 0.0)
             if b >= busy:
-                busy, render = b, min(float(info.get("render_s") or 0.0), b)
+                busy, prep = b, min(float(info.get("prep_s") or 0.0), b)
+                render = min(float(info.get("render_s") or 0.0), b - prep)
             self.render_estimated |= info.get("render_s") is not None
-        render = min(render, waiting)
-        physics = min(busy - render, waiting - render)
+        prep = min(prep, waiting)
+        render = min(render, waiting - prep)
+        physics = min(busy - prep - render, waiting - prep - render)
         self.parts["obs_transfer"] += io_s
+        self.parts["worker_prep"] += prep
         self.parts["render"] += render
         self.parts["sim_step"] += physics
-        self.parts["sim_wait"] += waiting - render - physics
+        self.parts["sim_wait"] += waiting - prep - render - physics
         self.env_steps += sum(1 for info in infos if not info.get("error"))
 
     def policy_call(self, call_s: float, infos: Sequence[dict], capture_s: float = 0.0, captures: int = 0) -> None:

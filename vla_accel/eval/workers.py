@@ -11,6 +11,10 @@ env's own estimate of its rendering per step, `time_render()`, measured once per
 envs without it). The pool sums the main process's time receiving replies (`io_s`: unpickling the
 observations) for the timing breakdown.
 
+With `prepare` (an obs -> obs callable, e.g. the policy's image_prep()), a "reset+prep" / "step+prep" request
+also runs it on the observation in the worker (eval.prepare_in_workers: the image pre-processing of N simulators
+in N processes instead of the main one); its time comes back as `prep_s`.
+
 A worker that exits, breaks its pipe or stays silent past `timeout_s` (`startup_timeout_s` until it
 is ready) comes back from start() / request() as a WorkerFailure (which worker, in which phase,
 why) and is stopped: SIGTERM (with SIGCONT, so a stopped process gets it), then SIGKILL, each
@@ -122,7 +126,7 @@ def _arrays(obs: Any) -> Any:
     return obs
 
 
-def _serve(conn: Connection, make_env: Callable[[str, int], Any]) -> None:
+def _serve(conn: Connection, make_env: Callable[[str, int], Any], prepare: Callable | None = None) -> None:
     """Worker process main loop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     faults.pause("startup")
@@ -137,7 +141,15 @@ def _serve(conn: Connection, make_env: Callable[[str, int], Any]) -> None:
             if command == "close":
                 break
             t = time.perf_counter()
-            reply = slot.reset(data) if command == "reset" else slot.step(data)
+            base, _, prep = command.partition("+")
+            reply = slot.reset(data) if base == "reset" else slot.step(data)
+            if prep and prepare is not None and reply[0] is not None:
+                t_prep = time.perf_counter()
+                try:
+                    reply = (prepare(reply[0]), *reply[1:])
+                except Exception as exc:  # noqa: BLE001 - the policy prepares the images itself then
+                    log.warning("preparing the observation in the worker failed: %s", exc)
+                reply[-1]["prep_s"] = time.perf_counter() - t_prep
             reply[-1]["busy_s"] = time.perf_counter() - t     # the info dict ends both replies
             conn.send(reply)
     finally:
@@ -171,8 +183,9 @@ class WorkerPool:
     """`size` simulator worker processes; see the module doc. Indices are slots: 0..size-1."""
 
     def __init__(self, make_env: Callable[[str, int], Any], size: int, *, timeout_s: float, startup_timeout_s: float,
-                 context: str = "spawn", env_vars: dict[str, str] | None = None, grace_s: float = 5.0):
-        self.make_env, self.size = make_env, size
+                 context: str = "spawn", env_vars: dict[str, str] | None = None, grace_s: float = 5.0,
+                 prepare: Callable | None = None):
+        self.make_env, self.size, self.prepare = make_env, size, prepare
         self.timeout_s, self.startup_timeout_s, self.grace_s = timeout_s, startup_timeout_s, grace_s
         self.ctx = mp.get_context(context)
         self.env_vars = dict(env_vars or {})
@@ -193,7 +206,7 @@ class WorkerPool:
         try:
             for i in indices:
                 parent, child = self.ctx.Pipe()
-                process = self.ctx.Process(target=_serve, args=(child, self.make_env), daemon=True,
+                process = self.ctx.Process(target=_serve, args=(child, self.make_env, self.prepare), daemon=True,
                                            name=f"vla-accel-sim-{i}")
                 process.start()
                 child.close()
