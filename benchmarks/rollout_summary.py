@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections import defaultdict
 from datetime import datetime, timezone
@@ -225,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
            "policy": policy,
            "startup_s": startup_s, "protocol_total_min": round(total, 1) if total is not None else None,
            "latency": latency_rows(runs, trace), "runs": run_rows(runs)}
-    gpu = "-".join(device.lower().split()[:2]) if device else "gpu"
+    gpu = re.sub(r"[^a-z0-9]+", "-", " ".join(device.lower().split()[:2])).strip("-") or "gpu"   # nvidia-h200
     args.out.mkdir(parents=True, exist_ok=True)
     md = args.out / f"rollout_{gpu}_{date}.md"
     md.write_text(markdown(doc))

@@ -216,12 +216,12 @@ class RolloutRunner:
         t0 = time.perf_counter()
         clean = False
         try:
-            pool.spawn(list(range(n)))
-            if self.precapture is not None:   # while the workers start (spawn, imports)
-                t = time.perf_counter()
-                timing.precapture = {**self.precapture(), "seconds": round(time.perf_counter() - t, 3)}
-            failures = pool.wait_ready(list(range(n)))
-            timing.add("startup", time.perf_counter() - t0)
+            with timing.part("startup"):
+                pool.spawn(list(range(n)))
+                if self.precapture is not None:   # while the workers start (spawn, imports)
+                    t = time.perf_counter()
+                    timing.precapture = {**self.precapture(), "seconds": round(time.perf_counter() - t, 3)}
+                failures = pool.wait_ready(list(range(n)))
             for i, failure in failures.items():
                 self._replace_worker(pool, slots, i, failure)
             self._fill(pool, slots, list(range(n)))
@@ -232,9 +232,8 @@ class RolloutRunner:
             for ep in slots:       # interrupted or stopped: nothing half-written stays
                 if ep is not None:
                     self._discard(ep)
-            t = time.perf_counter()
-            pool.close(polite=clean)
-            timing.add("shutdown", time.perf_counter() - t)
+            with timing.part("shutdown"):
+                pool.close(polite=clean)
             self.stats.wall_s = time.perf_counter() - t0
             if sampler is not None:
                 self.stats.gpu = sampler.stop()
@@ -250,8 +249,10 @@ class RolloutRunner:
         t = time.perf_counter()
         try:
             actions, infos = self.actor.act_batch(obs_list, [slots[i].instruction for i in active], active)
-        except Exception as exc:
+        except BaseException as exc:
             timing.add("policy_other", time.perf_counter() - t)
+            if not isinstance(exc, Exception):     # Ctrl-C: not the policy's fault
+                raise
             log.error("policy call failed; recording %d episode(s) as errors:\n%s", len(active), short_error(exc))
             for i in active:
                 self._finish(slots, i, success=False, error=f"policy: {short_error(exc)}")
@@ -295,7 +296,11 @@ class RolloutRunner:
         requests = {i: ("step+prep" if prep and self.actor.wants_prepared(i) else "step", actions[j])
                     for j, i in enumerate(active) if i not in bad}
         io0, t = pool.io_s, time.perf_counter()
-        replies, failures = pool.request(requests, "step")
+        try:
+            replies, failures = pool.request(requests, "step")
+        except BaseException:                   # interrupted while the simulators step: the time is theirs
+            timing.add("sim_wait", time.perf_counter() - t)
+            raise
         timing.step_round(time.perf_counter() - t, pool.io_s - io0, [reply[-1] for reply in replies.values()])
         ended = list(bad)
         for i, (obs, _, terminated, truncated, info) in sorted(replies.items()):
@@ -327,9 +332,8 @@ class RolloutRunner:
                 slots[i] = _Episode(key=key, task=self.task_names.get((key.suite, key.task_id), ""), slot=i, started=t)
                 job = {"suite": key.suite, "task_id": key.task_id, "episode": key.episode, "seed": self.seed}
                 requests[i] = ("reset+prep" if self._prepare is not None else "reset", job)
-            t = time.perf_counter()
-            replies, failures = pool.request(requests, "reset")
-            self.stats.timing.add("reset", time.perf_counter() - t)
+            with self.stats.timing.part("reset"):
+                replies, failures = pool.request(requests, "reset")
             free, started = [], []
             for i, (obs, info) in sorted(replies.items()):
                 ep = slots[i]
@@ -372,9 +376,8 @@ class RolloutRunner:
                 raise SimulatorFailure(f"simulator workers failed {self.stats.worker_restarts} times; giving up "
                                        f"(last: {failure})")
             log.warning("%s; starting a new worker%s", failure, again)
-            t = time.perf_counter()
-            failure, again = pool.restart(i), ""
-            self.stats.timing.add("restart", time.perf_counter() - t)
+            with self.stats.timing.part("restart"):
+                failure, again = pool.restart(i), ""
 
     def _policy_fault(self, what: str) -> None:
         self._policy_faults += 1
@@ -400,11 +403,8 @@ class RolloutRunner:
         ep.trace = None
 
     def _finish(self, slots: list[_Episode | None], i: int, *, success: bool, error: str | None) -> None:
-        t = time.perf_counter()
-        try:
+        with self.stats.timing.part("record"):
             self._record(slots, i, success=success, error=error)
-        finally:
-            self.stats.timing.add("record", time.perf_counter() - t)
 
     def _record(self, slots: list[_Episode | None], i: int, *, success: bool, error: str | None) -> None:
         ep = slots[i]

@@ -36,7 +36,9 @@ import logging
 import os
 import subprocess
 import threading
+import time
 from collections import Counter
+from contextlib import contextmanager
 from typing import Any, Sequence
 
 import numpy as np
@@ -69,6 +71,15 @@ class Timing:
 
     def add(self, part: str, seconds: float) -> None:
         self.parts[part] += seconds
+
+    @contextmanager
+    def part(self, name: str):
+        """Times the block into `name`, also when it raises (an interrupted run keeps the time it spent there)."""
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.parts[name] += time.perf_counter() - t
 
     def step_round(self, round_s: float, io_s: float, infos: Sequence[dict]) -> None:
         """One step round of round_s seconds, io_s of them receiving; infos: the workers' step infos. The waiting
