@@ -53,22 +53,45 @@ def load_run(d: Path) -> dict:
     return {"dir": d, "info": info, "summary": summary, "records": list(latest.values()),
             "prune": cfg.get("prune", {}).get("name", "none"), "runtime": cfg.get("runtime", {}).get("name"),
             "num_envs": (summary.get("throughput") or {}).get("num_envs") or cfg.get("eval", {}).get("num_envs"),
-            "max_steps": cfg.get("env", {}).get("max_steps")}
+            "max_steps": cfg.get("env", {}).get("max_steps"),
+            "prepare_in_workers": bool(cfg.get("eval", {}).get("prepare_in_workers"))}
+
+
+def steady_state(runs: list[dict]) -> dict[str, tuple[float, int]]:
+    """suite -> (mean episode wall time, episodes) over the runs' episodes without an error."""
+    walls: dict[str, list[float]] = defaultdict(list)
+    for r in runs:
+        for rec in r["records"]:
+            if not rec.get("error"):
+                walls[rec["suite"]].append(float(rec["wall_s"]))
+    return {suite: (float(np.mean(w)), len(w)) for suite, w in walls.items()}
+
+
+def prepare_rows(runs: list[dict]) -> list[dict]:
+    """eval.prepare_in_workers on against off: steady-state episodes/hour per suite, same prune and simulators."""
+    rows = []
+    for on in [r for r in runs if r["prepare_in_workers"] and r["max_steps"] is None]:
+        same = [r for r in runs if not r["prepare_in_workers"] and r["max_steps"] is None
+                and (r["prune"], r["num_envs"]) == (on["prune"], on["num_envs"])]
+        base, new = steady_state(same), steady_state([on])
+        for suite in sorted(set(base) & set(new)):
+            eph_off, eph_on = (on["num_envs"] * 3600.0 / base[suite][0], on["num_envs"] * 3600.0 / new[suite][0])
+            rows.append({"suite": suite, "prune": on["prune"], "num_envs": on["num_envs"],
+                         "episodes_off": base[suite][1], "episodes_on": new[suite][1],
+                         "episodes_per_hour_off": round(eph_off, 1), "episodes_per_hour_on": round(eph_on, 1),
+                         "speedup": round(eph_on / eph_off, 3)})
+    return rows
 
 
 def suite_rows(runs: list[dict]) -> tuple[list[dict], float | None]:
     """Per-suite steady-state throughput from the runs with the protocol's step limits; -> (rows, start-up s)."""
-    full = [r for r in runs if r["max_steps"] is None and r["records"]]
+    full = [r for r in runs if r["max_steps"] is None and r["records"] and not r["prepare_in_workers"]]
     if not full:
         return [], None
     n_max = max(r["num_envs"] for r in full)
     best = [r for r in full if r["num_envs"] == n_max and r["prune"] == "specprune"] or \
         [r for r in full if r["num_envs"] == n_max]
-    walls: dict[str, list[float]] = defaultdict(list)
-    for r in best:
-        for rec in r["records"]:
-            if not rec.get("error"):
-                walls[rec["suite"]].append(float(rec["wall_s"]))
+    walls = steady_state(best)
     startup = [r["summary"].get("timing", {}).get("parts_s", {}).get("startup") for r in best]
     startup_s = float(np.mean([s for s in startup if s is not None])) if any(s is not None for s in startup) else None
     per_step = []          # slot seconds per environment step, over the measured suites
@@ -76,10 +99,10 @@ def suite_rows(runs: list[dict]) -> tuple[list[dict], float | None]:
     for suite in MAX_STEPS:
         if suite not in walls:
             continue
-        mean_wall = float(np.mean(walls[suite]))
+        mean_wall, count = walls[suite]
         per_step.append(mean_wall / (SETTLE_STEPS + MAX_STEPS[suite]))
         eph = n_max * 3600.0 / mean_wall
-        rows.append({"suite": suite, "how": "measured", "episodes": len(walls[suite]), "num_envs": n_max,
+        rows.append({"suite": suite, "how": "measured", "episodes": count, "num_envs": n_max,
                      "mean_episode_s": round(mean_wall, 2), "episodes_per_hour": round(eph, 1),
                      "protocol_min": round(60.0 * PROTOCOL_EPISODES / eph, 1)})
     if per_step:
@@ -179,6 +202,15 @@ def markdown(doc: dict) -> str:
                          f"{r['model_p90_ms']} | {r['call_median_ms']} | {r['trace_ms'] or '-'} | "
                          f"{r['vs_trace'] or '-'} |")
         lines += ["", "(whole call: act_batch including image pre-processing and post-processing.)", ""]
+    if doc.get("prepare_in_workers"):
+        lines += ["## eval.prepare_in_workers (image pre-processing in the simulator workers) against off", "",
+                  "| suite | prune | simulators | episodes off / on | episodes/hour off | on | speedup |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in doc["prepare_in_workers"]:
+            lines.append(f"| {r['suite']} | {r['prune']} | {r['num_envs']} | {r['episodes_off']} / "
+                         f"{r['episodes_on']} | {r['episodes_per_hour_off']} | {r['episodes_per_hour_on']} | "
+                         f"{r['speedup']} |")
+        lines.append("")
     lines += ["## Runs", "", "| run | prune | envs | suites | episodes | missing | errors | exit | wall s | "
               "episodes/hour | env steps/s | GPU util % | latency excluded (warm-up / capture) | batch sizes | "
               "largest parts |", "|" + "---|" * 15]
@@ -225,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"device": device, "date": date, "commit": args.commit, "command": args.command, "suites": suites,
            "policy": policy,
            "startup_s": startup_s, "protocol_total_min": round(total, 1) if total is not None else None,
-           "latency": latency_rows(runs, trace), "runs": run_rows(runs)}
+           "latency": latency_rows(runs, trace), "prepare_in_workers": prepare_rows(runs), "runs": run_rows(runs)}
     gpu = re.sub(r"[^a-z0-9]+", "-", " ".join(device.lower().split()[:2])).strip("-") or "gpu"   # nvidia-h200
     args.out.mkdir(parents=True, exist_ok=True)
     md = args.out / f"rollout_{gpu}_{date}.md"

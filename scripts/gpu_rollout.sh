@@ -13,10 +13,11 @@
 #      episodes/hour per suite -> the extrapolated full protocol (benchmarks/rollout_summary.py)
 #   b  prune=none, 16 simulators, libero_spatial, 16 episodes
 #   c  prune=specprune, 1 / 4 / 8 simulators on libero_spatial, env.max_steps=$C_STEPS (latency vs batch size)
-# $OUT gets: log.txt, rollout_<gpu>_<date>.md/.json (the table), stage_a/b/c.tar.gz, report_a.png (8 files at most).
+#   d  as a's libero_spatial part with eval.prepare_in_workers=true (if time is left): is it faster?
+# $OUT gets: log.txt, rollout_<gpu>_<date>.md/.json (the table), stage_a/b/c/d.tar.gz, report_a.png (8 files).
 # Environment: BUDGET_S (520: the whole script, installs included), SUITES (libero_10,libero_goal,libero_spatial:
 # the parts one transfer can carry beside the core; libero_10 has tasks 2-4 in that part), TASKS ([2,3]),
-# EPISODES_A (8), C_STEPS (96), PRECAPTURE (3: eval.precapture_steps), STAGES ("a b c"; empty: install only, as
+# EPISODES_A (8), C_STEPS (96), PRECAPTURE (3: eval.precapture_steps), STAGES ("a b c d"; empty: install only, as
 # scripts/gpu_rollout_x2.sh uses it). For a dry run of the plumbing on a CPU machine with LIBERO installed:
 #   SKIP_INSTALL=1 POLICY=random_tiny EXTRA="env.max_steps=4 eval.num_envs=2 env.image_size=64" EPISODES_A=1 \
 #     TASKS=[2] C_STEPS=4 bash scripts/gpu_rollout.sh        (EXTRA: overrides appended to every run)
@@ -43,7 +44,7 @@ TASKS=${TASKS:-[2,3]}
 EPISODES_A=${EPISODES_A:-8}
 C_STEPS=${C_STEPS:-96}
 PRECAPTURE=${PRECAPTURE:-3}
-STAGES=${STAGES-a b c}
+STAGES=${STAGES-a b c d}
 POLICY=${POLICY:-random_7b}
 read -r -a EXTRA_ARGS <<< "${EXTRA:-}"
 mkdir -p "$OUT" "$WORK"
@@ -125,6 +126,10 @@ has c && run c4 "$(stage_limit 60 35)" prune=specprune eval=full eval.num_envs=4
 has c && run c8 "$(stage_limit 70 10)" prune=specprune eval=full eval.num_envs=8 "eval.suites=[libero_spatial]" \
   "eval.task_ids=[2,3]" "eval.num_episodes=4" "env.max_steps=$C_STEPS"
 has c && pack c c1 c4 c8
+# ---- d: as a's libero_spatial wave, with the image pre-processing in the simulator workers ------------------------
+has d && run d "$(stage_limit 120 0)" prune=specprune eval=full eval.num_envs=16 "eval.suites=[libero_spatial]" \
+  "eval.task_ids=$TASKS" "eval.num_episodes=$EPISODES_A" eval.prepare_in_workers=true
+has d && pack d d
 say "done; $OUT:"
 ls -la "$OUT" | tee -a "$LOG"
 cat "$OUT"/rollout_*.md 2>/dev/null | head -60

@@ -282,3 +282,35 @@ def test_policy_and_specprune_take_prepared_images_only_for_their_own_spec():
 
 def torch_equal(a, b) -> bool:
     return bool((a == b).all())
+
+
+def test_rollout_summary_extrapolates_the_protocol_from_measured_suites(tmp_path):
+    from benchmarks import rollout_summary as RS
+
+    run = tmp_path / "a"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"config": {"prune": {"name": "specprune"}, "runtime": {"name": "accel"},
+                                                         "eval": {"num_envs": 16}, "env": {"max_steps": None}}}))
+    (run / "results.json").write_text(json.dumps({
+        "device": "NVIDIA H200", "throughput": {"num_envs": 16}, "latency": {}, "missing": [], "errors": [],
+        "policy": {"source": "random:7b", "random_weights": True, "dtype": "bfloat16", "executor": "accel"},
+        "timing": {"wall_s": 120.0, "parts_s": {"startup": 30.0}, "episodes_per_hour": 1000.0}}))
+    lines = []
+    for suite, wall in (("libero_spatial", 23.0), ("libero_goal", 31.0), ("libero_10", 53.0)):   # 0.1 s per step
+        for e in range(2):
+            lines.append({"suite": suite, "task_id": 2, "episode": e, "success": False, "wall_s": wall, "error": None,
+                          "steps": RS.MAX_STEPS[suite], "chunk_ms": [20.0, 12.0, 11.0],
+                          "chunk_model_ms": [18.0, 10.0, 9.0], "chunk_batch": [16, 16, 1],
+                          "chunk_warmup": [True, False, False], "chunk_capture_ms": [0.0, 0.0, 0.0]})
+    (run / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert RS.main([str(tmp_path), "--out", str(tmp_path / "out"), "--commit", "abc"]) == 0
+    doc = json.loads((tmp_path / "out" / f"rollout_nvidia-h200_{time.strftime('%Y-%m-%d', time.gmtime())}.json")
+                     .read_text())
+    rows = {r["suite"]: r for r in doc["suites"]}
+    assert rows["libero_spatial"]["episodes_per_hour"] == pytest.approx(16 * 3600 / 23, abs=0.1)
+    assert rows["libero_object"]["how"].startswith("estimated") and rows["libero_object"]["mean_episode_s"] == 29.0
+    expected = sum(500 / (16 * 3600 / w) * 60 for w in (23.0, 29.0, 31.0, 53.0)) + 0.5
+    assert doc["protocol_total_min"] == pytest.approx(expected, abs=0.2)
+    lat = {(r["prune"], r["batch"]): r for r in doc["latency"]}
+    assert lat[("specprune", 1)]["model_median_ms"] == 9.0 and lat[("specprune", 1)]["vs_trace"] == 0.9
+    assert lat[("specprune", 16)]["model_median_ms"] == 10.0 and lat[("specprune", 16)]["trace_ms"] is None
