@@ -62,7 +62,7 @@ nproc | sed 's/^/cpu cores: /' | tee -a "$LOG"
 # ---- install: the bundle (wheels, GL loader libraries, assets, this checkout), then the extra wheels ----------
 if [ -z "${SKIP_INSTALL:-}" ]; then
 say "install: bundle"
-timeout -k 10 "$(stage_limit 180 300)" bash scripts/install_offline_bundle.sh .bundle --no-smoke >>"$LOG" 2>&1 \
+timeout -k 10 "$(stage_limit 180 0)" bash scripts/install_offline_bundle.sh .bundle --no-smoke >>"$LOG" 2>&1 \
   || say "install_offline_bundle.sh failed (status $?); trying to go on"
 # shellcheck disable=SC1091
 [ -f .bundle/installed/env.sh ] && source .bundle/installed/env.sh
