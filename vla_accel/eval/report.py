@@ -36,20 +36,25 @@ def _latencies(records: Sequence[dict]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _tokens_per_layer(records: Sequence[dict]) -> np.ndarray | None:
-    """[chunks, layers] tokens entering each layer (SpecPrune's kept_per_layer), or None without pruning."""
+    """[chunks, layers] tokens entering each layer (SpecPrune's kept_per_layer; warm-up chunks too: this is no
+    timing), or None without pruning."""
     rows = []
     for r in records:
-        per_layer = (r.get("chunk_extra") or {}).get("kept_per_layer") or []
-        warm = r.get("chunk_warmup") or [False] * len(per_layer)
-        rows.extend(p for p, w in zip(per_layer, warm) if p and not w)
+        rows.extend(p for p in (r.get("chunk_extra") or {}).get("kept_per_layer") or [] if p)
     lengths = {len(p) for p in rows}
     return np.asarray(rows, dtype=np.float64) if rows and len(lengths) == 1 else None
+
+
+def _message(ax, text: str, title: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center")
+    ax.set_title(title, fontsize=9)
+    ax.axis("off")
 
 
 def _success_panel(ax, summary: dict) -> None:
     tasks = summary["success"]["per_task"]
     if not tasks:
-        ax.text(0.5, 0.5, "no episodes", ha="center", va="center")
+        _message(ax, "no episodes", "success per task")
         return
     labels = [f"{t['suite'].replace('libero_', '')}/{t['task_id']}" for t in tasks]
     rates = [100.0 * (t["success_rate"] or 0.0) for t in tasks]
@@ -73,8 +78,8 @@ def _latency_panel(ax, summary: dict, records: Sequence[dict]) -> None:
     ms, batch = _latencies(records)
     lat = summary.get("latency", {})
     if ms.size == 0:
-        ax.text(0.5, 0.5, "no timed chunks", ha="center", va="center")
-        ax.set_title("policy latency per chunk", fontsize=9)
+        _message(ax, f"no timed chunks ({lat.get('warmup_chunks_excluded', 0)} warm-up, "
+                     f"{lat.get('capture_chunks_excluded', 0)} with graph captures)", "policy latency per chunk")
         return
     sizes = sorted(set(batch.tolist()))
     data = [ms[batch == b] for b in sizes] if len(sizes) <= 6 else [ms]
@@ -96,8 +101,7 @@ def _time_panel(ax, summary: dict) -> None:
     parts = {k: v for k, v in (timing.get("parts_s") or {}).items() if abs(v) >= 1e-3}
     wall = timing.get("wall_s") or 0.0
     if not parts or wall <= 0:
-        ax.text(0.5, 0.5, "no timing (no episode ran)", ha="center", va="center")
-        ax.set_title("where the time went", fontsize=9)
+        _message(ax, "no timing (no episode ran)", "where the time went")
         return
     names = list(parts)
     values = [parts[n] for n in names]
@@ -121,9 +125,7 @@ def _tokens_panel(ax, summary: dict, records: Sequence[dict]) -> None:
     tokens = _tokens_per_layer(records)
     if tokens is None:
         kept = summary.get("latency", {}).get("mean_tokens_kept")
-        text = "no pruning" + (f": {kept:.0f} tokens in every layer" if kept else "")
-        ax.text(0.5, 0.5, text, ha="center", va="center")
-        ax.set_title("tokens per layer", fontsize=9)
+        _message(ax, "no pruning" + (f": {kept:.0f} tokens in every layer" if kept else ""), "tokens per layer")
         return
     layers = np.arange(tokens.shape[1])
     mean = tokens.mean(0)
