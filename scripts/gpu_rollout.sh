@@ -79,9 +79,11 @@ grep -iE "vendor|renderer" "$LOG" | tail -2
 fi
 [ -z "$STAGES" ] && { say "install only (STAGES is empty)"; exit 0; }
 
-# max_graphs: 16 batch sizes x ~10 graphs per pruned forward x token buckets exceed the default 512
-COMMON=("policy=$POLICY" runtime=accel runtime.max_graphs=4096 env.image_size=256 eval.progress=false
-        "eval.precapture_steps=$PRECAPTURE")
+# max_graphs: 16 batch sizes x ~10 graphs per pruned forward x token buckets exceed the default 512;
+# bucket_steps: 16 unpruned samples are ~16 x 600 = 9600 token rows, beyond the default buckets' 8192 (eager there)
+COMMON=("policy=$POLICY" runtime=accel runtime.max_graphs=4096
+        "runtime.bucket_steps=[[1024,16],[2048,32],[4096,64],[8192,128],[16384,256]]" env.image_size=256
+        eval.progress=false "eval.precapture_steps=$PRECAPTURE")
 summarize() {
   python3 -m benchmarks.rollout_summary "$WORK" --out "$OUT" --commit "${VLA_COMMIT:-}" \
     --command "bash scripts/gpu_rollout.sh (SUITES=$SUITES TASKS=$TASKS EPISODES_A=$EPISODES_A C_STEPS=$C_STEPS)" \

@@ -40,6 +40,7 @@ SMI=$!
 trap 'kill $SMI 2>/dev/null' EXIT
 
 COMMON=(policy=random_7b runtime=accel runtime.max_graphs=4096 prune=specprune eval=full env.image_size=256
+        "runtime.bucket_steps=[[1024,16],[2048,32],[4096,64],[8192,128],[16384,256]]"
         eval.progress=false "eval.num_envs=$NUM_ENVS" "eval.suites=[libero_spatial]" "eval.task_ids=$TASKS")
 half=$(( ($(left) - 40) / 2 ))
 
