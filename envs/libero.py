@@ -35,6 +35,7 @@ import functools
 import math
 import operator
 import os
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -320,6 +321,24 @@ class LiberoEnv(gym.Env):
         terminated = bool(done)  # LIBERO's done is its success check
         truncated = self._steps >= self.max_steps
         return self._observation(raw), float(reward), terminated, truncated, self._info(terminated)
+
+    @property
+    def built(self) -> tuple[str, int] | None:
+        """(suite, task_id) of the simulator built in this process, or None before the first reset."""
+        return self._sim_task
+
+    def time_render(self, repeats: int = 3) -> float:
+        """Seconds one step spends rendering both cameras, measured by rendering them `repeats` more times (the
+        step renders them inside robosuite's observation update, where they cannot be timed apart)."""
+        if self._sim is None:
+            raise RuntimeError("LiberoEnv.time_render() called before reset()")
+        self._check_process()
+        sim = self._sim.env.sim
+        t = time.perf_counter()
+        for _ in range(repeats):
+            for camera in CAMERAS:
+                sim.render(camera_name=camera, width=self.image_size, height=self.image_size)
+        return (time.perf_counter() - t) / repeats
 
     def render(self):
         if self.render_mode == "rgb_array" and self._last_full_image is not None:

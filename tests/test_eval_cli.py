@@ -11,9 +11,11 @@ from vla_accel.eval.cli import egl_device_for_workers, pin_gpu, render_env
 def test_pin_gpu_gives_each_local_job_one_gpu(monkeypatch, visible, job, expected):
     monkeypatch.setenv("SUBMITIT_EXECUTOR", "local")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    monkeypatch.setenv("MUJOCO_EGL_DEVICE_ID", "unset")    # restored after the test
     assert pin_gpu(True, job) == expected
     import os
     assert os.environ["CUDA_VISIBLE_DEVICES"] == expected
+    assert os.environ["MUJOCO_EGL_DEVICE_ID"] == expected      # the simulators render on the job's GPU too
 
 
 @pytest.mark.parametrize("executor,visible,job,enabled", [

@@ -46,6 +46,7 @@ def test_two_shards_merge_into_the_full_table(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "COMPLETE" in out and "6/6 episodes" in out and "66.7%" in out
     assert len(R.read_records(tmp_path / "merged" / R.RESULTS_FILE)) == 6
+    assert (tmp_path / "merged" / R.REPORT_FILE).read_bytes()[:4] == b"\x89PNG"     # the merged report.png
 
 
 def test_removed_episode_is_reported_missing(tmp_path, capsys):

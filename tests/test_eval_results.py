@@ -95,7 +95,13 @@ def test_latency_excludes_warmup_and_counts_batched_forwards_once():
     assert lat["actions_per_chunk"] == 8 and lat["actions_per_s"] == pytest.approx(8 * 5 / 0.4)
     assert lat["model_median_ms"] == 90.0
     assert lat["mean_tokens_kept"] == 150.0
-    assert R.latency_summary([rec()]) == {"chunks": 0, "warmup_chunks_excluded": 0}
+    assert R.latency_summary([rec()]) == {"chunks": 0, "warmup_chunks_excluded": 0, "capture_chunks_excluded": 0}
+    # a chunk whose forward captured a CUDA graph is left out like a warm-up chunk, and counted
+    c = rec(ep=2, chunk_ms=[100.0, 5000.0, 100.0], chunk_model_ms=[90.0, 4900.0, 90.0], chunk_batch=[1, 1, 1],
+            chunk_warmup=[False, False, False], chunk_actions=[8, 8, 8], tokens_kept=[None] * 3,
+            chunk_capture_ms=[0.0, 4800.0, 0.0])
+    lat = R.latency_summary([c])
+    assert lat["chunks"] == 2 and lat["capture_chunks_excluded"] == 1 and lat["max_ms"] == 100.0
 
 
 def test_write_json_is_atomic(tmp_path):

@@ -248,7 +248,7 @@ def fake_cli(monkeypatch):
     state = {"actor": None, "env": {}}
     monkeypatch.setattr(factory, "LiberoCatalog", FakeCatalog)
     monkeypatch.setattr(factory, "resolve_assets", lambda rc: "/nowhere")
-    monkeypatch.setattr(factory, "build_actor", lambda rc, unnorm_key=None: state["actor"] or FakeActor())
+    monkeypatch.setattr(factory, "build_actor", lambda rc, unnorm_key=None, **kw: state["actor"] or FakeActor())
     monkeypatch.setattr(factory, "env_factory", lambda rc, assets: partial(make_fake_env, state["env"]))
     return state
 

@@ -16,6 +16,7 @@ passed in: `policy.with_executor(runner)` (vla_accel.runtime.make_executor build
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from collections import deque
 from typing import Any, Sequence
@@ -103,6 +104,16 @@ class Policy:
         return out
 
     # ------------------------------------------------------------------ pre-processing
+    @property
+    def image_spec(self) -> tuple[int, bool, bool]:
+        """(size, center_crop, jpeg): the arguments of processing.prepare_image for this policy."""
+        return self.cfg.image_size, self.center_crop, self.jpeg
+
+    def image_prep(self):
+        """A picklable obs -> obs that adds this policy's model-input images (processing.attach_model_images), for
+        the process that makes the observations; prepare() then uses them instead of computing them."""
+        return functools.partial(P.attach_model_images, spec=self.image_spec)
+
     def prepare(self, obs_list: Sequence[Obs], instructions: Sequence[str]):
         """-> (prompt id lists, pixel_values [B, 12, 224, 224], proprio [B, 8] normalized)."""
         if isinstance(instructions, str):
@@ -125,8 +136,9 @@ class Policy:
                                "state (8,)")
             if not isinstance(text, str) or not text.strip():
                 raise ValueError(f"instruction must be a non-empty string, got {text!r}")
-            imgs = [P.prepare_image(P.check_image(obs[k], k), size, self.center_crop, self.jpeg)
-                    for k in ("full_image", "wrist_image")]
+            imgs = P.model_images(obs, self.image_spec) or [
+                P.prepare_image(P.check_image(obs[k], k), size, self.center_crop, self.jpeg)
+                for k in ("full_image", "wrist_image")]
             P.to_pixel_values(imgs, self.image_norm, out=pixels[b])
             state = P.check_state(obs["state"], self.cfg.proprio_dim)
             props.append(P.normalize_proprio(state, self.proprio_stats))
@@ -179,17 +191,20 @@ class Policy:
 
     def predict_batch(self, obs_list: Sequence[Obs], instructions: Sequence[str],
                       decisions: PruneDecisions | None = None) -> np.ndarray:
+        t_prep = time.perf_counter()
         ids, pixels, props = self.prepare(obs_list, instructions)
         _, lens = self.batch_ids(ids)
         t0 = time.perf_counter()
         norm, _ = self.predict_from_inputs(ids, pixels, props, decisions=decisions)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        latency = (time.perf_counter() - t0) * 1e3
+        t1 = time.perf_counter()
+        chunks = self.postprocess(norm.cpu().numpy())
         # backbone tokens per sample: BOS + prompt[1:] + 512 patches + proprio + 56 placeholders + stop
         tokens = (lens + self.cfg.num_patch_tokens + self.cfg.num_action_tokens + 1).tolist()
-        self.last_stats = {"latency_ms": latency, "batch_size": len(ids), "tokens": tokens}
-        return self.postprocess(norm.cpu().numpy())
+        self.last_stats = {"latency_ms": (t1 - t0) * 1e3, "batch_size": len(ids), "tokens": tokens,
+                           "prep_ms": (t0 - t_prep) * 1e3, "post_ms": (time.perf_counter() - t1) * 1e3}
+        return chunks
 
     def predict(self, obs: Obs, instruction: str) -> np.ndarray:
         return self.predict_batch([obs], [instruction])[0]
@@ -208,6 +223,14 @@ class ChunkedActor:
     def reset(self, streams: Sequence[int]):
         for s in streams:
             self.queues[s] = deque()
+
+    def image_prep(self):
+        return self.policy.image_prep()
+
+    def wants_prepared(self, stream: int) -> bool:
+        """Will the next act_batch query this stream (its queue is empty), so its next observation's images are
+        pre-processed? (An observation made elsewhere may carry them: processing.attach_model_images.)"""
+        return not self.queues.get(stream)
 
     def act_batch(self, obs_list: Sequence[Obs], instructions: Sequence[str], streams: Sequence[int]):
         need = [i for i, s in enumerate(streams) if not self.queues.setdefault(s, deque())]
@@ -232,4 +255,5 @@ class ChunkedActor:
         chunks = self.policy.predict_batch(obs_list, instructions)
         st = self.policy.last_stats
         return chunks, [{"queried": True, "latency_ms": st["latency_ms"], "batch_size": len(chunks),
-                         "tokens_kept": st["tokens"][j]} for j in range(len(chunks))]
+                         "tokens_kept": st["tokens"][j], "prep_ms": st["prep_ms"], "post_ms": st["post_ms"]}
+                        for j in range(len(chunks))]

@@ -251,6 +251,24 @@ def prepare_image(img: np.ndarray, size: int = 224, center_crop: bool = True, jp
     return crop_and_resize(img) if center_crop else np.array(img, copy=True)
 
 
+MODEL_IMAGES = "model_images"  # obs key: {"spec": (size, center_crop, jpeg), "images": [full, wrist] uint8}
+
+
+def attach_model_images(obs: dict, spec: tuple[int, bool, bool]) -> dict:
+    """obs with both cameras through prepare_image(..., *spec) under MODEL_IMAGES (computed where the observation is
+    made, e.g. in a simulator worker, so the policy's process need not); model_images() takes them back."""
+    images = [prepare_image(check_image(obs[k], k), *spec) for k in ("full_image", "wrist_image")]
+    return {**obs, MODEL_IMAGES: {"spec": tuple(spec), "images": images}}
+
+
+def model_images(obs: dict, spec: tuple[int, bool, bool]) -> list[np.ndarray] | None:
+    """The prepared [full, wrist] images an observation carries for exactly this spec, else None (compute them)."""
+    entry = obs.get(MODEL_IMAGES) if isinstance(obs, dict) else None
+    if isinstance(entry, dict) and tuple(entry.get("spec", ())) == tuple(spec):
+        return list(entry["images"])
+    return None
+
+
 @functools.lru_cache(maxsize=8)
 def _normalize_table(norm: ImageNorm) -> np.ndarray:
     """[towers, 3, 256]: every uint8 value through torchvision's to_tensor + normalize, per tower and channel

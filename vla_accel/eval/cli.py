@@ -41,8 +41,8 @@ EXIT_STOPPED = 3         # stopped early: errors in a row, policy faults, simula
 EXIT_INCOMPLETE = 4      # ran to the end, but episodes are recorded with an error or missing
 EXIT_INTERRUPTED = 130   # Ctrl-C (SIGINT)
 
-RANDOM_WEIGHTS_NOTE = ("NOTE: the policy has RANDOM weights (policy=random_tiny, no download): the success "
-                       "rates of this run say nothing about OpenVLA-OFT. For real numbers: policy=checkpoint "
+RANDOM_WEIGHTS_NOTE = ("NOTE: the policy has RANDOM weights (policy=random_tiny or random_7b, no download): the "
+                       "success rates of this run say nothing about OpenVLA-OFT. For real numbers: policy=checkpoint "
                        "policy.checkpoint=<dir or hub id> eval=full")
 
 
@@ -58,6 +58,8 @@ def pin_gpu(enabled: bool, job_num: int | None) -> str | None:
     if len(ids) < 2:
         return None
     os.environ["CUDA_VISIBLE_DEVICES"] = ids[job_num % len(ids)]
+    if os.environ["CUDA_VISIBLE_DEVICES"].isdigit():   # the simulators' EGL device too (robosuite reads it)
+        os.environ["MUJOCO_EGL_DEVICE_ID"] = os.environ["CUDA_VISIBLE_DEVICES"]
     return os.environ["CUDA_VISIBLE_DEVICES"]
 
 
@@ -185,8 +187,9 @@ def run_eval(cfg: DictConfig) -> dict:
     todo = [k for k in mine if k not in done]
 
     # 4. the policy and what it needs (tokenizer, prompt length), before any simulator starts
+    num_envs = min(ev.num_envs, max(1, len(todo)))
     if actor is None:
-        actor = F.build_actor(rc, unnorm_key=unnorm_key)
+        actor = F.build_actor(rc, unnorm_key=unnorm_key, graph_batch_sizes=range(1, num_envs + 1))
     F.check_prompts(actor, [catalog.instruction(s, t) for s, t in dict.fromkeys((k.suite, k.task_id) for k in todo)])
     desc = dict(actor.describe())
     device = desc.get("device_name") or F.device_name(str(desc.get("device", "cpu")))  # device_name: remote policy
@@ -196,7 +199,6 @@ def run_eval(cfg: DictConfig) -> dict:
     except OSError as err:
         raise ConfigError(f"cannot write into the run dir {run_dir}: {err.strerror or err}; use another "
                           "hydra.run.dir") from None
-    num_envs = min(ev.num_envs, max(1, len(todo)))
     log.info("run dir: %s", run_dir)
     log.info("policy: %s on %s%s", {k: desc[k] for k in list(desc)[:8]}, device,
              f" (CUDA_VISIBLE_DEVICES={pinned})" if pinned else "")
@@ -220,6 +222,16 @@ def run_eval(cfg: DictConfig) -> dict:
                         record["episode"], record["error"])
 
     runner = None
+    precapture = None
+    if todo and ev.precapture_steps:
+        from functools import partial
+
+        from vla_accel.eval.precapture import precapture as run_precapture
+
+        precapture = partial(run_precapture, actor, batch_sizes=range(1, num_envs + 1),
+                             instructions=[catalog.instruction(k.suite, k.task_id) for k in todo[:num_envs]],
+                             image_size=rc.env.image_size, steps=ev.precapture_steps)
+    cuda = str(desc.get("device", "")).startswith("cuda")
     try:
         if todo:
             runner = RolloutRunner(
@@ -229,7 +241,9 @@ def run_eval(cfg: DictConfig) -> dict:
                 trace_path=ev.record_trace, step_timeout_s=ev.step_timeout_s, context=ev.worker_context,
                 record_fields={"shard": ev.shard, "num_shards": ev.num_shards},
                 max_consecutive_errors=ev.max_consecutive_errors,
-                worker_env=render_env(ev.render_threads))
+                worker_env=render_env(ev.render_threads), precapture=precapture,
+                gpu_device=str(desc["device"]) if cuda and ev.gpu_sample_s > 0 else None,
+                gpu_interval_s=ev.gpu_sample_s or 0.5, prepare_in_workers=ev.prepare_in_workers)
             runner.run(todo)
     except KeyboardInterrupt:
         interrupted = True
@@ -240,6 +254,11 @@ def run_eval(cfg: DictConfig) -> dict:
         close_bars()
         stats = runner.stats if runner is not None else stats
         summary = write_summary(run_dir, mine, info, desc, device, stats, num_envs, interrupted, stopped)
+        if ev.report:
+            from vla_accel.eval.report import write_report
+
+            latest, _ = R.effective_records(R.read_records(run_dir / R.RESULTS_FILE))
+            write_report(run_dir / R.REPORT_FILE, summary, [latest[k] for k in mine if k in latest])
     _report(summary, run_dir)
     return summary
 
@@ -268,16 +287,27 @@ def _report(summary: dict, run_dir: Path) -> None:
                   again)
 
 
+def _previous_summary(run_dir: Path) -> dict:
+    import json
+
+    try:
+        previous = json.loads((run_dir / R.SUMMARY_FILE).read_text())
+        return previous if isinstance(previous, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _timing(run_dir: Path, stats) -> dict | None:
+    """Where the time went in this session; a session that ran no episode keeps the previous one's figures."""
+    if stats.episodes or stats.wall_s > 0:
+        return stats.timing_summary()
+    return _previous_summary(run_dir).get("timing")
+
+
 def _throughput(run_dir: Path, stats, num_envs: int) -> dict:
     """Rollout throughput over every session of this run dir that ran episodes (a re-run that had
     nothing left to do keeps the figures)."""
-    import json
-
-    sessions = []
-    try:
-        sessions = json.loads((run_dir / R.SUMMARY_FILE).read_text()).get("throughput", {}).get("sessions", [])
-    except (OSError, ValueError, AttributeError):
-        pass
+    sessions = (_previous_summary(run_dir).get("throughput") or {}).get("sessions", [])
     if stats.episodes:
         sessions = sessions + [{"episodes": stats.episodes, "wall_s": round(stats.wall_s, 3), "num_envs": num_envs,
                                 "worker_restarts": stats.worker_restarts}]
@@ -302,6 +332,7 @@ def write_summary(run_dir: Path, mine: list[EpisodeKey], info: dict, desc: dict,
     errors = [{"episode": R.key_of(r).label(), "error": (r["error"].strip().splitlines() or [""])[-1]}
               for r in records if r.get("error")]
     throughput = _throughput(run_dir, stats, num_envs)
+    timing = _timing(run_dir, stats)
     summary = {
         "complete": not missing and not errors,    # every episode recorded, none with an error
         "interrupted": interrupted,
@@ -314,6 +345,7 @@ def write_summary(run_dir: Path, mine: list[EpisodeKey], info: dict, desc: dict,
         "policy": desc, "random_weights": bool(desc.get("random_weights")), "device": device,
         **R.summarize(records),
         "throughput": throughput,
+        "timing": timing,
         "fingerprint": info["fingerprint"],
     }
     notes = []
@@ -325,7 +357,7 @@ def write_summary(run_dir: Path, mine: list[EpisodeKey], info: dict, desc: dict,
     if summary["random_weights"]:
         notes.append(RANDOM_WEIGHTS_NOTE)
     notes.append(f"results: {run_dir / R.RESULTS_FILE} ({len(records)} episodes), summary: {run_dir / R.SUMMARY_FILE}")
-    table = R.format_tables(summary, device=device, throughput=throughput, notes=notes)
+    table = R.format_tables(summary, device=device, throughput=throughput, notes=notes, timing=timing)
     summary["exit_status"] = exit_status(summary)
     try:
         R.write_json(run_dir / R.SUMMARY_FILE, summary)

@@ -123,6 +123,10 @@ class EvalConfig:
     max_consecutive_errors: int = 10     # stop the run after this many episodes in a row end with an error (0: never)
     step_timeout_s: float = 900.0        # a simulator worker silent this long in a reset or step is stopped (terminate, kill) and replaced; its episode runs again (start-up: at least 120 s)
     worker_context: str = "spawn"        # multiprocessing start method of the simulator workers: spawn | forkserver
+    precapture_steps: int = 3            # runtime=accel: forwards per batch size 1..num_envs on made-up frames before the first timed chunk, while the simulators start (graph captures, compilation); 0 = none
+    gpu_sample_s: float = 0.5            # CUDA policies: GPU utilisation sampled every this many seconds during the rollout; 0 = not sampled
+    report: bool = True                  # write <run dir>/report.png (matplotlib) at the end of the run
+    prepare_in_workers: bool = False     # the policy's image pre-processing (JPEG round trip, resize, crop) in the simulator workers for the observations it will use, instead of serially in the main process; results are identical (off until measured on the GPU machine)
 
     def __post_init__(self) -> None:
         if isinstance(self.suites, str):
@@ -155,6 +159,13 @@ class EvalConfig:
             _check_int("eval.render_threads", self.render_threads, 1)
         if not (isinstance(self.step_timeout_s, (int, float)) and self.step_timeout_s > 0):
             raise ConfigError(f"eval.step_timeout_s must be a positive number; got {self.step_timeout_s!r}")
+        _check_int("eval.precapture_steps", self.precapture_steps, 0)
+        if not (isinstance(self.gpu_sample_s, (int, float)) and not isinstance(self.gpu_sample_s, bool)
+                and self.gpu_sample_s >= 0):
+            raise ConfigError(f"eval.gpu_sample_s must be a number >= 0 (0: not sampled); got {self.gpu_sample_s!r}")
+        for name in ("report", "prepare_in_workers"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"eval.{name} must be true or false; got {getattr(self, name)!r}")
         if self.worker_context not in ("spawn", "forkserver"):
             raise ConfigError("eval.worker_context must be spawn or forkserver (EGL rendering does not "
                               f"survive fork); got {self.worker_context!r}")

@@ -120,8 +120,20 @@ def check_prune_runtime(cfg: RunConfig) -> None:
         raise ConfigError(f"{group}={getattr(cfg, group)['name']}: {err}") from None
 
 
-def build_actor(cfg: Any, *, unnorm_key: str | None = None):
-    """Policy -> (runtime executor) -> actor, from a RunConfig or the composed Hydra config."""
+def graph_runtime(runtime: dict, batch_sizes) -> dict:
+    """The runtime settings with `batch_sizes` added to those served by CUDA graphs (an eval with N simulators
+    runs batches of 1..N; others would run eagerly). Results do not change: the same kernels run either way."""
+    from vla_accel.runtime import RuntimeConfig
+
+    if runtime.get("name") != "accel" or not batch_sizes:
+        return runtime
+    have = runtime.get("batch_sizes", RuntimeConfig.batch_sizes)
+    return {**runtime, "batch_sizes": sorted(set(have) | set(batch_sizes))}
+
+
+def build_actor(cfg: Any, *, unnorm_key: str | None = None, graph_batch_sizes=()):
+    """Policy -> (runtime executor) -> actor, from a RunConfig or the composed Hydra config. graph_batch_sizes:
+    batch sizes the accelerated runtime serves with graphs besides runtime.batch_sizes (graph_runtime)."""
     if not isinstance(cfg, RunConfig):
         cfg = run_config_from_hydra(cfg)
     if cfg.policy.name == "remote":  # the policy runs in a vla-accel-serve process (docs/serving.md)
@@ -146,7 +158,7 @@ def build_actor(cfg: Any, *, unnorm_key: str | None = None):
             raise ConfigError(f"policy.checkpoint={cfg.policy.checkpoint} cannot be loaded: {err}") from None
     try:
         if cfg.runtime["name"] != "reference":
-            policy = make_executor(policy, cfg.runtime)
+            policy = make_executor(policy, graph_runtime(cfg.runtime, graph_batch_sizes))
         return make_actor(policy, cfg.prune) if cfg.prune["name"] != "none" else ChunkedActor(policy)
     except (PruneConfigError, RuntimeConfigError) as err:   # settings that do not fit this model
         group = "prune" if isinstance(err, PruneConfigError) else "runtime"

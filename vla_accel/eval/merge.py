@@ -23,6 +23,7 @@ from typing import Sequence
 
 from vla_accel.eval import results as R
 from vla_accel.eval.shard import EpisodeKey
+from vla_accel.eval.timing import merge_timings
 
 
 @dataclass
@@ -113,6 +114,7 @@ def merge_group(runs: list[RunDir]) -> MergeReport:
         **R.summarize(records),
         "shard_throughput": [dict(r.summary.get("throughput", {}), shard=r.info["shard"], run=str(r.path))
                              for r in runs if r.summary],
+        "timing": merge_timings([r.summary.get("timing") for r in runs if r.summary]),
         "fingerprint": report.fingerprint,
     }
     return report
@@ -150,7 +152,7 @@ def format_report(report: MergeReport, label: str = "") -> str:
     if report.summary["random_weights"]:
         notes.append("NOTE: RANDOM policy weights (smoke test): these success rates mean nothing.")
     devices = ", ".join(report.summary["devices"]) or None
-    lines.append(R.format_tables(report.summary, device=devices, notes=notes))
+    lines.append(R.format_tables(report.summary, device=devices, notes=notes, timing=report.summary.get("timing")))
     if report.missing_shards:
         lines.append(f"MISSING SHARDS: {report.missing_shards} (no run dir found for them)")
     for shard, dirs in report.repeated_shards.items():
@@ -189,10 +191,15 @@ def check_out_dir(out: Path) -> str | None:
 
 
 def write_merged(report: MergeReport, out: Path) -> None:
-    """results.jsonl and results.json into `out` (checked with check_out_dir), each replaced atomically."""
+    """results.jsonl, results.json and report.png into `out` (checked with check_out_dir), each replaced
+    atomically (a failed picture is only a warning)."""
+    from vla_accel.eval.report import write_report
+
     out.mkdir(parents=True, exist_ok=True)
     R.write_atomic(out / R.RESULTS_FILE, "".join(R.record_line(r) for r in report.records))
     R.write_json(out / R.SUMMARY_FILE, report.summary)
+    write_report(out / R.REPORT_FILE, report.summary, report.records,
+                 title=f"merged: {len(report.runs)} runs, {len(report.records)}/{len(report.expected)} episodes")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -220,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print()
     if args.out is not None:
         write_merged(reports[0], args.out)
-        print(f"merged results: {args.out / R.RESULTS_FILE}, {args.out / R.SUMMARY_FILE}")
+        print(f"merged results: {args.out / R.RESULTS_FILE}, {args.out / R.SUMMARY_FILE}, {args.out / R.REPORT_FILE}")
     return 0 if all(r.ok for r in reports) else 1
 
 

@@ -7,6 +7,7 @@ One JSON line per finished episode, appended, flushed and fsynced as it finishes
   chunk_batch     batch size of the forward that produced the chunk
   chunk_warmup    true for chunks produced by the process's first `eval.warmup_chunks` forwards
   chunk_actions   actions executed from the chunk
+  chunk_capture_ms  CUDA-graph capture time inside that forward (0: none); such chunks are left out of the latency
   tokens_kept     tokens kept by pruning per chunk (null without pruning)
   chunk_extra     other keys the actor reported, one list per key
   shard, num_shards, seed, slot, video, trace (paths or null), finished_at
@@ -32,6 +33,7 @@ RESULTS_FILE = "results.jsonl"
 SUMMARY_FILE = "results.json"
 RUN_FILE = "run.json"
 TABLE_FILE = "summary.txt"
+REPORT_FILE = "report.png"
 
 
 def key_of(record: dict) -> EpisodeKey:
@@ -202,16 +204,17 @@ def success_summary(records: Sequence[dict]) -> dict:
 
 
 def latency_summary(records: Sequence[dict]) -> dict:
-    """Per-chunk latency after warm-up, and policy throughput.
+    """Per-chunk latency after warm-up, without chunks whose forward captured graphs, and policy throughput.
 
     Each chunk counts once (a batched forward that served B streams produced B chunks, each with
     that forward's latency). Policy time counts each forward once (sum of latency / batch size).
     """
     ms, model_ms, batch, actions, tokens = [], [], [], [], []
-    warmup = 0
+    warmup = captured = 0
     for r in records:
         n = len(r.get("chunk_ms") or [])
         warm = r.get("chunk_warmup") or [False] * n
+        capture = r.get("chunk_capture_ms") or [0.0] * n
         mms = r.get("chunk_model_ms") or [None] * n
         bs = r.get("chunk_batch") or [1] * n
         acts = r.get("chunk_actions") or []
@@ -221,13 +224,16 @@ def latency_summary(records: Sequence[dict]) -> dict:
             if warm[i]:
                 warmup += 1
                 continue
+            if capture[i]:
+                captured += 1
+                continue
             ms.append(float(r["chunk_ms"][i]))
             batch.append(int(bs[i] or 1))
             if mms[i] is not None:
                 model_ms.append(float(mms[i]))
             if tk[i] is not None:
                 tokens.append(float(tk[i]))
-    out: dict[str, Any] = {"chunks": len(ms), "warmup_chunks_excluded": warmup}
+    out: dict[str, Any] = {"chunks": len(ms), "warmup_chunks_excluded": warmup, "capture_chunks_excluded": captured}
     if not ms:
         return out
     arr = np.asarray(ms)
@@ -267,7 +273,7 @@ def _pct(rate: float | None) -> str:
 
 
 def format_tables(summary: dict, *, device: str | None = None, throughput: dict | None = None,
-                  notes: Sequence[str] = ()) -> str:
+                  notes: Sequence[str] = (), timing: dict | None = None) -> str:
     success, lat = summary["success"], summary["latency"]
     lines = []
     width = 78
@@ -288,8 +294,10 @@ def format_tables(summary: dict, *, device: str | None = None, throughput: dict 
     lines.append(f"{'average':<16}{'':>5}  {'mean over suites':<37}{avg['episodes']:>9}"
                  f"{_pct(avg['mean_over_suites']):>9}")
     lines.append("=" * width)
+    captured = lat.get("capture_chunks_excluded", 0)
     if lat.get("chunks"):
-        lines.append(f"policy latency per chunk (after {lat['warmup_chunks_excluded']} warm-up chunks, "
+        lines.append(f"policy latency per chunk (without {lat['warmup_chunks_excluded']} warm-up chunks"
+                     f"{f' and {captured} chunks whose forward captured graphs' if captured else ''}, "
                      f"n={lat['chunks']}): median {lat['median_ms']:.1f} ms, p90 {lat['p90_ms']:.1f} ms, "
                      f"mean {lat['mean_ms']:.1f} ms")
         if "model_median_ms" in lat:
@@ -302,13 +310,17 @@ def format_tables(summary: dict, *, device: str | None = None, throughput: dict 
             lines.append(f"tokens kept per chunk: mean {lat['mean_tokens_kept']:.1f}")
     else:
         lines.append(f"policy latency: no chunks after warm-up ({lat['warmup_chunks_excluded']} warm-up "
-                     "chunks excluded; lower eval.warmup_chunks for short runs)")
+                     f"chunks and {captured} with graph captures excluded; lower eval.warmup_chunks for short runs)")
     if device:
         lines.append(f"device: {device}")
     if throughput and throughput.get("episodes"):
         lines.append(f"rollouts: {throughput['episodes']} episodes in {throughput['wall_s']:.1f} s "
                      f"= {throughput['episodes_per_hour']:.1f} episodes/hour "
                      f"with {throughput.get('num_envs', '?')} env(s)")
+    if timing:
+        from vla_accel.eval.timing import format_timing
+
+        lines.extend(format_timing(timing))
     lines.extend(notes)
     return "\n".join(lines)
 

@@ -19,6 +19,11 @@ runs ONE forward for all streams whose queue is empty. What can go wrong, and wh
   more than MAX_WORKER_RESTARTS worker replacements too (SimulatorFailure).
 Every episode given to run() is either passed to on_episode() or still unrecorded when run()
 raises; the caller names the unrecorded ones as missing.
+
+Timing (vla_accel/eval/timing.py): the main process's wall time in parts, measured around the existing calls;
+`precapture()` (graph captures and compilation before the first timed chunk) runs while the workers start,
+and a forward that still captured graphs is marked in its chunks' `chunk_capture_ms` (left out of the latency
+statistics).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from vla_accel.eval.shard import EpisodeKey
+from vla_accel.eval.timing import GpuSampler, Timing, graph_counter
 from vla_accel.eval.video import EpisodeVideo, TraceRecorder, episode_stem
 from vla_accel.eval.workers import WorkerFailure, WorkerPool, short_error
 
@@ -43,7 +49,7 @@ MAX_POLICY_FAULTS = 3        # policy calls in a row that raised or gave non-fin
 MAX_ATTEMPTS = 2             # an episode whose simulator worker failed is run at most this often in all
 MAX_WORKER_RESTARTS = 20     # more worker replacements than this in one run: the simulator is broken
 STARTUP_TIMEOUT_S = 120.0    # a new worker has max(this, step_timeout_s) to start (spawn + imports)
-_STANDARD_INFO_KEYS = {"queried", "latency_ms", "batch_size", "tokens_kept"}
+_STANDARD_INFO_KEYS = {"queried", "latency_ms", "batch_size", "tokens_kept", "prep_ms", "post_ms"}
 
 
 class RunStopped(RuntimeError):
@@ -85,12 +91,13 @@ class _Episode:
     chunk_batch: list = field(default_factory=list)
     chunk_warmup: list = field(default_factory=list)
     chunk_actions: list = field(default_factory=list)
+    chunk_capture_ms: list = field(default_factory=list)
     tokens_kept: list = field(default_factory=list)
     chunk_extra: dict = field(default_factory=dict)
     video: EpisodeVideo | None = None
     trace: TraceRecorder | None = None
 
-    def on_policy(self, info: dict, call_ms: float, warmup: bool) -> None:
+    def on_policy(self, info: dict, call_ms: float, warmup: bool, capture_ms: float = 0.0) -> None:
         if not info.get("queried"):
             if self.chunk_actions:
                 self.chunk_actions[-1] += 1
@@ -102,6 +109,7 @@ class _Episode:
         self.chunk_batch.append(info.get("batch_size"))
         self.chunk_warmup.append(warmup)
         self.chunk_actions.append(1)
+        self.chunk_capture_ms.append(round(capture_ms, 3))
         self.tokens_kept.append(info.get("tokens_kept"))
         for k, v in info.items():
             if k not in _STANDARD_INFO_KEYS:
@@ -118,6 +126,11 @@ class RunStats:
     wall_s: float = 0.0        # time spent in rollouts (worker start to last episode)
     forwards: int = 0          # batched policy calls that queried the model
     worker_restarts: int = 0
+    timing: Timing = field(default_factory=Timing)
+    gpu: dict | None = None    # GPU utilisation samples (timing.GpuSampler.stop()); None: the policy is not on CUDA
+
+    def timing_summary(self) -> dict:
+        return self.timing.summary(self.wall_s, self.episodes, self.gpu)
 
     @property
     def episodes_per_hour(self) -> float:
@@ -150,6 +163,10 @@ class RolloutRunner:
         record_fields: dict | None = None,
         max_consecutive_errors: int = 0,
         worker_env: dict[str, str] | None = None,
+        precapture: Callable[[], dict] | None = None,
+        gpu_device: str | None = None,
+        gpu_interval_s: float = 0.5,
+        prepare_in_workers: bool = False,
     ):
         self.actor = actor
         self.make_env = make_env
@@ -166,6 +183,16 @@ class RolloutRunner:
         self.record_fields = dict(record_fields or {})
         self.max_consecutive_errors = max_consecutive_errors   # 0: never stop
         self.worker_env = dict(worker_env or {})                # environment variables of the workers
+        self.precapture = precapture           # () -> dict: graph captures before the first timed chunk
+        self.gpu_device, self.gpu_interval_s = gpu_device, gpu_interval_s   # a CUDA device: sample its utilisation
+        self._graphs = graph_counter(actor)     # () -> (captures, seconds) of the actor's graph cache, or None
+        self._prepare = None                     # the actor's image pre-processing, run in the workers
+        if prepare_in_workers:
+            if hasattr(actor, "image_prep") and hasattr(actor, "wants_prepared"):
+                self._prepare = actor.image_prep()
+            else:
+                log.warning("eval.prepare_in_workers: this actor cannot take prepared images; they are prepared "
+                            "in the main process")
         self.stats = RunStats()
         self._trace_key: EpisodeKey | None = None
         self._queue: deque[EpisodeKey] = deque()
@@ -181,12 +208,21 @@ class RolloutRunner:
             self._trace_key = keys[0]          # a single file: the first episode of the run
         n = min(self.num_envs, len(keys))
         pool = WorkerPool(self.make_env, n, timeout_s=self.step_timeout_s, context=self.context,
-                          startup_timeout_s=max(STARTUP_TIMEOUT_S, self.step_timeout_s), env_vars=self.worker_env)
+                          startup_timeout_s=max(STARTUP_TIMEOUT_S, self.step_timeout_s), env_vars=self.worker_env,
+                          prepare=self._prepare)
         slots: list[_Episode | None] = [None] * n
+        timing = self.stats.timing
+        sampler = GpuSampler(self.gpu_device, self.gpu_interval_s).start() if self.gpu_device else None
         t0 = time.perf_counter()
         clean = False
         try:
-            for i, failure in pool.start(list(range(n))).items():
+            with timing.part("startup"):
+                pool.spawn(list(range(n)))
+                if self.precapture is not None:   # while the workers start (spawn, imports)
+                    t = time.perf_counter()
+                    timing.precapture = {**self.precapture(), "seconds": round(time.perf_counter() - t, 3)}
+                failures = pool.wait_ready(list(range(n)))
+            for i, failure in failures.items():
                 self._replace_worker(pool, slots, i, failure)
             self._fill(pool, slots, list(range(n)))
             while any(ep is not None for ep in slots):
@@ -196,8 +232,11 @@ class RolloutRunner:
             for ep in slots:       # interrupted or stopped: nothing half-written stays
                 if ep is not None:
                     self._discard(ep)
-            pool.close(polite=clean)
+            with timing.part("shutdown"):
+                pool.close(polite=clean)
             self.stats.wall_s = time.perf_counter() - t0
+            if sampler is not None:
+                self.stats.gpu = sampler.stop()
         return self.stats
 
     # ------------------------------------------------------------------------------------------
@@ -205,10 +244,15 @@ class RolloutRunner:
         """One policy call for every running episode, then one simulator step each."""
         active = [i for i, ep in enumerate(slots) if ep is not None]
         obs_list = [slots[i].obs for i in active]
+        timing = self.stats.timing
+        graphs0 = self._graphs() if self._graphs is not None else (0, 0.0)
         t = time.perf_counter()
         try:
             actions, infos = self.actor.act_batch(obs_list, [slots[i].instruction for i in active], active)
-        except Exception as exc:
+        except BaseException as exc:
+            timing.add("policy_other", time.perf_counter() - t)
+            if not isinstance(exc, Exception):     # Ctrl-C: not the policy's fault
+                raise
             log.error("policy call failed; recording %d episode(s) as errors:\n%s", len(active), short_error(exc))
             for i in active:
                 self._finish(slots, i, success=False, error=f"policy: {short_error(exc)}")
@@ -216,7 +260,13 @@ class RolloutRunner:
             self._check_stop()
             self._fill(pool, slots, active)
             return
-        call_ms = 1000.0 * (time.perf_counter() - t)
+        t1 = time.perf_counter()
+        call_ms = 1000.0 * (t1 - t)
+        captures, capture_s = (0, 0.0)
+        if self._graphs is not None:
+            graphs1 = self._graphs()
+            captures, capture_s = graphs1[0] - graphs0[0], graphs1[1] - graphs0[1]
+        timing.policy_call(t1 - t, infos, capture_s, captures)
         actions = np.asarray(actions)
         if any(info.get("queried") for info in infos):
             self.stats.forwards += 1
@@ -224,7 +274,7 @@ class RolloutRunner:
         bad = []
         for j, i in enumerate(active):
             ep = slots[i]
-            ep.on_policy(infos[j], call_ms, warmup)
+            ep.on_policy(infos[j], call_ms, warmup, 1000.0 * capture_s if captures else 0.0)
             if not np.isfinite(actions[j]).all():
                 bad.append(i)
                 continue
@@ -232,6 +282,7 @@ class RolloutRunner:
                 ep.video.add(obs_list[j], self._overlay(i))
             if ep.trace is not None:
                 ep.trace.add(obs_list[j], actions[j])
+        timing.add("record", time.perf_counter() - t1)
         for i in bad:
             summary = nonfinite_summary(actions[active.index(i)])
             self._finish(slots, i, success=False, error=f"policy returned a non-finite action at step "
@@ -241,8 +292,16 @@ class RolloutRunner:
         else:
             self._policy_faults = 0
 
-        requests = {i: ("step", actions[j]) for j, i in enumerate(active) if i not in bad}
-        replies, failures = pool.request(requests, "step")
+        prep = self._prepare is not None
+        requests = {i: ("step+prep" if prep and self.actor.wants_prepared(i) else "step", actions[j])
+                    for j, i in enumerate(active) if i not in bad}
+        io0, t = pool.io_s, time.perf_counter()
+        try:
+            replies, failures = pool.request(requests, "step")
+        except BaseException:                   # interrupted while the simulators step: the time is theirs
+            timing.add("sim_wait", time.perf_counter() - t)
+            raise
+        timing.step_round(time.perf_counter() - t, pool.io_s - io0, [reply[-1] for reply in replies.values()])
         ended = list(bad)
         for i, (obs, _, terminated, truncated, info) in sorted(replies.items()):
             ep = slots[i]
@@ -271,9 +330,10 @@ class RolloutRunner:
                     break
                 key = self._queue.popleft()
                 slots[i] = _Episode(key=key, task=self.task_names.get((key.suite, key.task_id), ""), slot=i, started=t)
-                requests[i] = ("reset", {"suite": key.suite, "task_id": key.task_id, "episode": key.episode,
-                                         "seed": self.seed})
-            replies, failures = pool.request(requests, "reset")
+                job = {"suite": key.suite, "task_id": key.task_id, "episode": key.episode, "seed": self.seed}
+                requests[i] = ("reset+prep" if self._prepare is not None else "reset", job)
+            with self.stats.timing.part("reset"):
+                replies, failures = pool.request(requests, "reset")
             free, started = [], []
             for i, (obs, info) in sorted(replies.items()):
                 ep = slots[i]
@@ -316,7 +376,8 @@ class RolloutRunner:
                 raise SimulatorFailure(f"simulator workers failed {self.stats.worker_restarts} times; giving up "
                                        f"(last: {failure})")
             log.warning("%s; starting a new worker%s", failure, again)
-            failure, again = pool.restart(i), ""
+            with self.stats.timing.part("restart"):
+                failure, again = pool.restart(i), ""
 
     def _policy_fault(self, what: str) -> None:
         self._policy_faults += 1
@@ -342,6 +403,10 @@ class RolloutRunner:
         ep.trace = None
 
     def _finish(self, slots: list[_Episode | None], i: int, *, success: bool, error: str | None) -> None:
+        with self.stats.timing.part("record"):
+            self._record(slots, i, success=success, error=error)
+
+    def _record(self, slots: list[_Episode | None], i: int, *, success: bool, error: str | None) -> None:
         ep = slots[i]
         slots[i] = None
         video = None
@@ -359,7 +424,7 @@ class RolloutRunner:
             "wall_s": round(time.perf_counter() - ep.started, 3),
             "error": error,
             "chunk_ms": ep.chunk_ms, "chunk_model_ms": ep.chunk_model_ms, "chunk_batch": ep.chunk_batch,
-            "chunk_warmup": ep.chunk_warmup, "chunk_actions": ep.chunk_actions,
+            "chunk_warmup": ep.chunk_warmup, "chunk_actions": ep.chunk_actions, "chunk_capture_ms": ep.chunk_capture_ms,
             "tokens_kept": ep.tokens_kept, "chunk_extra": ep.chunk_extra,
             "slot": i, "seed": self.seed, "video": video, "trace": trace,
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

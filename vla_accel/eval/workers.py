@@ -6,6 +6,15 @@ Main process (WorkerPool)                       worker process (_serve, spawn / 
   request({i: ("step", action)})      ------>        step(action)  -> (obs, reward, terminated, truncated, info)
   close                               ------>        leaves its loop, closes the simulator
 
+Every reply's info carries `busy_s` (the worker's time in reset / step) and, for a step, `render_s` (the
+env's own estimate of its rendering per step, `time_render()`, measured once per simulator build; absent for
+envs without it). The pool sums the main process's time receiving replies (`io_s`: unpickling the
+observations) for the timing breakdown.
+
+With `prepare` (an obs -> obs callable, e.g. the policy's image_prep()), a "reset+prep" / "step+prep" request
+also runs it on the observation in the worker (eval.prepare_in_workers: the image pre-processing of N simulators
+in N processes instead of the main one); its time comes back as `prep_s`.
+
 A worker that exits, breaks its pipe or stays silent past `timeout_s` (`startup_timeout_s` until it
 is ready) comes back from start() / request() as a WorkerFailure (which worker, in which phase,
 why) and is stopped: SIGTERM (with SIGCONT, so a stopped process gets it), then SIGKILL, each
@@ -47,6 +56,7 @@ class EpisodeSlot:
         self._episode: int | None = None
         self._task: int | None = None
         self._t = 0
+        self._render_s: float | None = None   # rendering per step, estimated once per simulator build
 
     def _drop_env(self) -> None:
         env, self._env = self._env, None
@@ -62,8 +72,11 @@ class EpisodeSlot:
         try:
             if self._env is None:
                 self._env = self._make_env(job["suite"], job["task_id"])
+            built = getattr(self._env.unwrapped, "built", None)   # (suite, task) the simulator was built for
             obs, info = self._env.reset(seed=job["seed"], options={
                 "episode": job["episode"], "suite": job["suite"], "task_id": job["task_id"]})
+            if self._render_s is None or getattr(self._env.unwrapped, "built", None) != built:
+                self._render_s = _render_estimate(self._env)
         except Exception as exc:
             self._drop_env()
             return None, {"error": short_error(exc)}
@@ -83,11 +96,27 @@ class EpisodeSlot:
         self._t += 1
         if terminated or truncated:
             self._episode = None
-        return _arrays(obs), float(reward), bool(terminated), bool(truncated), {
-            "success": bool(info.get("success", terminated)), "error": ""}
+        out = {"success": bool(info.get("success", terminated)), "error": ""}
+        if self._render_s is not None:
+            out["render_s"] = self._render_s
+        return _arrays(obs), float(reward), bool(terminated), bool(truncated), out
 
     def close(self) -> None:
         self._drop_env()
+        self._render_s = None
+
+
+def _render_estimate(env) -> float | None:
+    """Seconds of rendering per step of the env (its `time_render()`), or None: the env renders inside its
+    step and has no such method, or the estimate failed (it is only a figure; the episode goes on)."""
+    fn = getattr(env.unwrapped, "time_render", None)
+    if fn is None:
+        return None
+    try:
+        return float(fn())
+    except Exception as exc:  # noqa: BLE001 - a failed estimate leaves the render share unknown
+        log.warning("render time estimate failed: %s", exc)
+        return None
 
 
 def _arrays(obs: Any) -> Any:
@@ -97,7 +126,7 @@ def _arrays(obs: Any) -> Any:
     return obs
 
 
-def _serve(conn: Connection, make_env: Callable[[str, int], Any]) -> None:
+def _serve(conn: Connection, make_env: Callable[[str, int], Any], prepare: Callable | None = None) -> None:
     """Worker process main loop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     faults.pause("startup")
@@ -111,7 +140,18 @@ def _serve(conn: Connection, make_env: Callable[[str, int], Any]) -> None:
                 break                              # the main process is gone
             if command == "close":
                 break
-            conn.send(slot.reset(data) if command == "reset" else slot.step(data))
+            t = time.perf_counter()
+            base, _, prep = command.partition("+")
+            reply = slot.reset(data) if base == "reset" else slot.step(data)
+            if prep and prepare is not None and reply[0] is not None:
+                t_prep = time.perf_counter()
+                try:
+                    reply = (prepare(reply[0]), *reply[1:])
+                except Exception as exc:  # noqa: BLE001 - the policy prepares the images itself then
+                    log.warning("preparing the observation in the worker failed: %s", exc)
+                reply[-1]["prep_s"] = time.perf_counter() - t_prep
+            reply[-1]["busy_s"] = time.perf_counter() - t     # the info dict ends both replies
+            conn.send(reply)
     finally:
         slot.close()
 
@@ -143,23 +183,30 @@ class WorkerPool:
     """`size` simulator worker processes; see the module doc. Indices are slots: 0..size-1."""
 
     def __init__(self, make_env: Callable[[str, int], Any], size: int, *, timeout_s: float, startup_timeout_s: float,
-                 context: str = "spawn", env_vars: dict[str, str] | None = None, grace_s: float = 5.0):
-        self.make_env, self.size = make_env, size
+                 context: str = "spawn", env_vars: dict[str, str] | None = None, grace_s: float = 5.0,
+                 prepare: Callable | None = None):
+        self.make_env, self.size, self.prepare = make_env, size, prepare
         self.timeout_s, self.startup_timeout_s, self.grace_s = timeout_s, startup_timeout_s, grace_s
         self.ctx = mp.get_context(context)
         self.env_vars = dict(env_vars or {})
         self.processes: list[Any] = [None] * size
         self.conns: list[Connection | None] = [None] * size
+        self.io_s = 0.0      # main-process seconds spent receiving replies (unpickling observations)
 
     # ---- life cycle --------------------------------------------------------------------------
     def start(self, indices: list[int]) -> dict[int, WorkerFailure]:
         """Spawn the workers `indices` and wait (bounded) until each is ready; returns the failures."""
+        self.spawn(indices)
+        return self.wait_ready(indices)
+
+    def spawn(self, indices: list[int]) -> None:
+        """Start the worker processes `indices` without waiting for them (wait_ready() does, bounded)."""
         saved = {k: os.environ.get(k) for k in self.env_vars}
         os.environ.update(self.env_vars)           # spawned workers copy the environment at start
         try:
             for i in indices:
                 parent, child = self.ctx.Pipe()
-                process = self.ctx.Process(target=_serve, args=(child, self.make_env), daemon=True,
+                process = self.ctx.Process(target=_serve, args=(child, self.make_env, self.prepare), daemon=True,
                                            name=f"vla-accel-sim-{i}")
                 process.start()
                 child.close()
@@ -170,6 +217,9 @@ class WorkerPool:
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
+
+    def wait_ready(self, indices: list[int]) -> dict[int, WorkerFailure]:
+        """Wait (bounded) until each spawned worker in `indices` is ready; failed ones are stopped and returned."""
         replies, failures = self._collect(indices, "start-up", self.startup_timeout_s)
         for i, reply in replies.items():
             if not (isinstance(reply, tuple) and reply[:1] == ("ready",)):
@@ -238,10 +288,12 @@ class WorkerPool:
                 break
             for conn in ready:
                 i = waiting.pop(conn)
+                t = time.perf_counter()
                 try:
                     replies[i] = conn.recv()
                 except (EOFError, OSError):
                     failures[i] = WorkerFailure(i, phase, _exit_reason(_reaped(self.processes[i])))
+                self.io_s += time.perf_counter() - t
         return replies, failures
 
 

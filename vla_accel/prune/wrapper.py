@@ -34,12 +34,13 @@ class Frame:
 
     __slots__ = ("raw", "model")
 
-    def __init__(self, obs: dict):
+    def __init__(self, obs: dict, spec: tuple | None = None):
         missing = [k for k in ("full_image", "wrist_image") if not isinstance(obs, dict) or k not in obs]
         if missing:
             raise KeyError(f"obs lacks {missing}; expected keys full_image, wrist_image (uint8 [H, W, 3]), state (8,)")
         self.raw = (np.array(obs["full_image"], copy=True), np.array(obs["wrist_image"], copy=True))
-        self.model: list[np.ndarray] | None = None
+        # the model inputs when the observation carries them for this spec (prepared where it was made)
+        self.model: list[np.ndarray] | None = P.model_images(obs, spec) if spec is not None else None
 
 
 class StreamState:
@@ -85,6 +86,16 @@ class SpecPrune:
         for s in streams:
             self.streams[s] = StreamState(self.cfg)
 
+    def image_prep(self):
+        return self.policy.image_prep()
+
+    def wants_prepared(self, stream: int) -> bool:
+        """Will the next observation of this stream need its model-input images: the next query's frame (queue
+        empty) or a frame that query may compare with (within the largest frame gap before it)?"""
+        st = self.streams.get(stream)
+        ch = self.cfg.static.changed
+        return st is None or len(st.queue) < max(ch.gap_max, ch.gap_fixed or 0)
+
     def state(self, stream: int) -> StreamState:
         if stream not in self.streams:
             self.streams[stream] = StreamState(self.cfg)
@@ -101,7 +112,7 @@ class SpecPrune:
             raise ValueError(f"executed must have shape {want} (one action per stream), got {np.shape(executed)}")
         states = [self.state(s) for s in streams]
         for st, obs in zip(states, obs_list):
-            st.frames.append(Frame(obs))
+            st.frames.append(Frame(obs, getattr(self.policy, "image_spec", None)))
         need = [i for i, st in enumerate(states) if not st.queue]
         infos: list[dict[str, Any]] = [{"queried": False, "latency_ms": None, "batch_size": None, "tokens_kept": None}
                                        for _ in streams]
@@ -132,7 +143,7 @@ class SpecPrune:
             raise ValueError(f"{len(obs_list)} observations, {len(instructions)} instructions, {len(streams)} streams")
         states = [self.state(s) for s in streams]
         for st, obs in zip(states, obs_list):
-            st.frames.append(Frame(obs))
+            st.frames.append(Frame(obs, getattr(self.policy, "image_spec", None)))
             st.queue.clear()
         chunks, infos = self._query(list(obs_list), list(instructions), states)
         for st, chunk in zip(states, chunks):
@@ -178,6 +189,7 @@ class SpecPrune:
 
     def _query(self, obs_list, instructions, states: list[StreamState]):
         policy, cfg = self.policy, self.cfg
+        t_prep = time.perf_counter()
         ids, pixels, props = policy.prepare(obs_list, instructions)
         _, lens = policy.batch_ids(ids)
         images = self._model_images(pixels)  # [B, 2, 224, 224, 3]
@@ -211,7 +223,7 @@ class SpecPrune:
         norm, _ = policy.predict_from_inputs(ids, pixels, props, decisions=plan)
         if policy.device.type == "cuda":
             torch.cuda.synchronize(policy.device)
-        latency = (time.perf_counter() - t0) * 1e3
+        t1 = time.perf_counter()
         chunks = policy.postprocess(norm.cpu().numpy())
         self.last_plan = plan
         infos = []
@@ -221,7 +233,7 @@ class SpecPrune:
             st.last = {"images": images[b], "rules": s["rules"], "dropped_after": s["dropped_after"],
                        "static_layers": plan.static_layers, "mode": extra[b]["mode"]}
             infos.append({
-                "queried": True, "latency_ms": latency, "batch_size": B, "tokens_kept": s["tokens_kept"],
+                "queried": True, "latency_ms": (t1 - t0) * 1e3, "batch_size": B, "tokens_kept": s["tokens_kept"],
                 **extra[b],
                 "tokens_full": s["tokens_full"],
                 "kept_per_camera": s["kept_per_camera"],
@@ -232,6 +244,9 @@ class SpecPrune:
                 "gflops": round(s["flops"] / 1e9, 6),
                 "gflops_full": round(s["flops_full"] / 1e9, 6),
             })
+        post_ms = (time.perf_counter() - t1) * 1e3   # un-normalization and the plan's summary (host)
+        for info in infos:
+            info["prep_ms"], info["post_ms"] = (t0 - t_prep) * 1e3, post_ms
         return chunks, infos
 
     # ------------------------------------------------------------------ pictures
