@@ -91,7 +91,8 @@ class TrainConfig:
     val_every: int = 250  # steps between validation passes
     log_every: int = 10  # steps between lines in loss.jsonl
     save_every: int = 500  # steps between checkpoints (also at the end, and at max_minutes)
-    max_minutes: float | None = None  # stop (and save) after this much training time; null: run all steps
+    max_minutes: float | None = None  # time budget: after 30 steps, fewer steps (schedule scaled) if `steps` would not fit; stop and save at the limit; null: none
+    frames_on_device: str = "auto"  # auto (CUDA: the decoded frames live on the GPU if they take < half its free memory) | true | false
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = "auto"  # auto (bfloat16 autocast on cuda, fp32 on cpu) | bfloat16 | off
     threads: int | None = None  # torch CPU threads; null: torch's default
@@ -100,7 +101,7 @@ class TrainConfig:
     progress: bool = True  # progress bar
 
     def __post_init__(self):
-        if not self.demos:
+        if self.demos in (None, "", "???"):
             raise TrainConfigError("train.demos is required: the folder written by vla-accel-demos, "
                                    "e.g. train.demos=/work/data/demos")
         self.model_size = build_dataclass(ModelSize, "train.model", self.model, TrainConfigError)
@@ -122,6 +123,10 @@ class TrainConfig:
             _positive("train.threads", self.threads)
         if not _DEVICE_RE.match(str(self.device)):
             raise TrainConfigError(f"train.device must be one of auto, cpu, cuda, cuda:N; got {self.device!r}")
+        if isinstance(self.frames_on_device, bool):  # YAML true / false
+            self.frames_on_device = str(self.frames_on_device).lower()
+        if self.frames_on_device not in ("auto", "true", "false"):
+            raise TrainConfigError(f"train.frames_on_device must be one of auto, true, false; got {self.frames_on_device!r}")
         if self.amp not in ("auto", "bfloat16", "off"):
             raise TrainConfigError(f"train.amp must be one of auto, bfloat16, off; got {self.amp!r}")
 

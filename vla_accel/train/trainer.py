@@ -76,10 +76,23 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def lr_factor(step: int, cfg: TrainConfig) -> float:
+def lr_factor(step: int, cfg: TrainConfig, decay_step: int | None) -> float:
     warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
-    decay = cfg.decay_factor if cfg.decay_step is not None and step >= cfg.decay_step else 1.0
+    decay = cfg.decay_factor if decay_step is not None and step >= decay_step else 1.0
     return warm * decay
+
+
+PROBE_STEPS = 30  # steps timed before a max_minutes budget shortens the run
+
+
+def fit_steps(cfg: TrainConfig, start: int, done: int, seconds: float) -> tuple[int, int | None]:
+    """(steps, decay_step) that fit max_minutes at the measured rate, the schedule scaled along."""
+    budget = 60 * cfg.max_minutes - seconds
+    fit = start + done + int(0.95 * budget * done / max(seconds, 1e-9))
+    if fit >= cfg.steps:
+        return cfg.steps, cfg.decay_step
+    decay = None if cfg.decay_step is None else max(1, round(cfg.decay_step * fit / cfg.steps))
+    return max(fit, start + done), decay
 
 
 def split_episodes(arrays: TrainArrays, per_task: int) -> tuple[np.ndarray, np.ndarray]:
@@ -104,11 +117,19 @@ class Batcher:
         self.arrays, self.policy, self.device, self.cfg = arrays, policy, device, cfg
         # token ids exactly as the policy computes them at inference (the saved tokenizer files)
         self.prompt_ids = [tokenize_prompt(policy.tokenizer, text) for text in arrays.instructions]
+        self.frames = arrays.frames
+        if device.type == "cuda" and cfg.frames_on_device != "false":
+            free, _ = torch.cuda.mem_get_info(device)
+            if cfg.frames_on_device == "true" or arrays.frames.nbytes < free // 2:
+                self.frames = torch.from_numpy(arrays.frames).to(device)  # no host->device copy per step
 
     def __call__(self, idx: np.ndarray, *, augment: bool, generator: torch.Generator | None = None):
         a = self.arrays
         ids, lens = self.policy.batch_ids([self.prompt_ids[i] for i in a.instruction[idx]])
-        frames = torch.from_numpy(a.frames[idx]).to(self.device)
+        if isinstance(self.frames, torch.Tensor):
+            frames = self.frames[torch.from_numpy(idx).to(self.device)]
+        else:
+            frames = torch.from_numpy(self.frames[idx]).to(self.device)
         pixels = model_pixels(frames, self.policy.image_norm, crop_scale=self.cfg.crop_scale,
                               random_crop=augment and self.cfg.random_crop,
                               jitter=augment and self.cfg.color_jitter, generator=generator)
@@ -200,12 +221,14 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> dict:
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     step = 0
+    total_steps, decay_step = cfg.steps, cfg.decay_step
     state_path = run_dir / STATE_FILE
     if state_path.exists():
         state = torch.load(state_path, map_location=device, weights_only=False)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         step, rng = state["step"], state["rng"]
+        total_steps, decay_step = state.get("total_steps", total_steps), state.get("decay_step", decay_step)
         gen.set_state(state["generator"].cpu())
         log.info("resuming from step %d (%s)", step, state_path)
     info = {"config": {k: v for k, v in vars(cfg).items() if k != "model_size"}, "parameters": n_params,
@@ -217,7 +240,8 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> dict:
 
     def save(at_step: int) -> Path:
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": at_step, "rng": rng,
-                    "generator": gen.get_state()}, state_path.with_suffix(".tmp"))
+                    "generator": gen.get_state(), "total_steps": total_steps, "decay_step": decay_step},
+                   state_path.with_suffix(".tmp"))
         state_path.with_suffix(".tmp").replace(state_path)
         path = write_checkpoint(run_dir, model, arrays.stats, tok_dir, at_step, info)
         plot_losses(_read_losses(run_dir / LOSS_FILE), run_dir / "loss.png",
@@ -226,39 +250,47 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> dict:
 
     # 3. the loop
     loss_log = open(run_dir / LOSS_FILE, "a")
-    bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=None if cfg.progress else True,
+    bar = tqdm(total=total_steps, initial=step, desc="train", disable=None if cfg.progress else True,
                dynamic_ncols=True)
     started, running, last_val = time.perf_counter(), None, None
-    stop_reason = "steps"
+    first_step, stop_reason = step, "steps"
     try:
-        while step < cfg.steps:
+        while step < total_steps:
+            if cfg.max_minutes is not None and step - first_step == PROBE_STEPS:
+                fit, decay_step = fit_steps(cfg, first_step, PROBE_STEPS, time.perf_counter() - started)
+                if fit < total_steps:
+                    log.warning("%.2f s/step: %d steps do not fit max_minutes=%s; training %d steps "
+                                "(lr decay at %s)", (time.perf_counter() - started) / PROBE_STEPS, total_steps,
+                                cfg.max_minutes, fit, decay_step)
+                    total_steps = bar.total = fit
             for group in opt.param_groups:
-                group["lr"] = cfg.lr * lr_factor(step, cfg)
+                group["lr"] = cfg.lr * lr_factor(step, cfg, decay_step)
             batch = batcher(rng.choice(train_idx, cfg.batch_size), augment=True, generator=gen)
             loss = l1_loss(model, batch, amp)
-            if not math.isfinite(float(loss)):
-                raise FloatingPointError(f"loss is {float(loss)} at step {step}; lower train.lr or check the demos")
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise FloatingPointError(f"loss is {value} at step {step}; lower train.lr or check the demos")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             step += 1
-            running = float(loss) if running is None else 0.95 * running + 0.05 * float(loss)
+            running = value if running is None else 0.95 * running + 0.05 * value
             bar.update(1)
             bar.set_postfix(loss=f"{running:.4f}", val=f"{last_val:.4f}" if last_val is not None else "-", refresh=False)
             record = None
             if step % cfg.log_every == 0:
-                record = {"step": step, "train": float(loss), "train_ema": running, "lr": opt.param_groups[0]["lr"],
+                record = {"step": step, "train": value, "train_ema": running, "lr": opt.param_groups[0]["lr"],
                           "seconds": round(time.perf_counter() - started, 1)}
-            if len(val_idx) and (step % cfg.val_every == 0 or step == cfg.steps):
+            if len(val_idx) and (step % cfg.val_every == 0 or step == total_steps):
                 last_val = validate(model, batcher, val_idx, cfg.batch_size, amp)
                 record = {**(record or {"step": step}), "val": last_val}
             if record:
                 loss_log.write(json.dumps(record) + "\n")
                 loss_log.flush()
             out_of_time = cfg.max_minutes is not None and time.perf_counter() - started > 60 * cfg.max_minutes
-            if step % cfg.save_every == 0 or step == cfg.steps or out_of_time:
+            if step % cfg.save_every == 0 or step == total_steps or out_of_time:
                 save(step)
             if out_of_time:
                 stop_reason = f"max_minutes={cfg.max_minutes}"
@@ -273,7 +305,7 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> dict:
     ckpt = run_dir / CKPT_DIR
     if not ckpt.exists():  # resumed a run that had already finished its steps
         save(step)
-    summary = {"step": step, "stop": stop_reason, "train_loss_ema": running, "val_loss": last_val,
+    summary = {"step": step, "planned_steps": total_steps, "stop": stop_reason, "train_loss_ema": running, "val_loss": last_val,
                "checkpoint": str(ckpt), "seconds": round(time.perf_counter() - started, 1),
                "parameters": n_params}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
