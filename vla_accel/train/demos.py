@@ -158,7 +158,12 @@ def main(argv=None) -> None:
     print(f"vla-accel-demos: {len(jobs)} episode(s) to run ({len(done)} already in {out / MANIFEST}), "
           f"{args.workers} worker(s)", flush=True)
     if jobs:
-        slices = [s for s in (jobs[i::args.workers] for i in range(args.workers)) if s]
+        if args.workers == 1:
+            slices = [jobs]
+        else:  # contiguous task-major blocks: a worker switches task (= rebuilds its simulator) rarely
+            jobs.sort()
+            bounds = np.linspace(0, len(jobs), args.workers + 1).round().astype(int)
+            slices = [jobs[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
         work = [(str(out), args.suite, s, args.image_size, args.state_only, assets) for s in slices]
         if len(work) == 1:
             _worker(work[0])
