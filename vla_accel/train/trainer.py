@@ -55,8 +55,12 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_model(cfg: TrainConfig, device: torch.device) -> OpenVLAOFT:
-    """Random initialization (vla_accel.checkpoint.init_random_, seeded), LayerScale at layer_scale_init."""
+def build_model(cfg: TrainConfig, device: torch.device, used_ids: list[int] | None = None) -> OpenVLAOFT:
+    """Random initialization (vla_accel.checkpoint.init_random_, seeded), LayerScale at layer_scale_init.
+
+    used_ids: token ids the model can ever see; every other row of the token embedding starts (and,
+    receiving no gradient, stays) zero, so the checkpoint compresses to a fraction of its size.
+    """
     torch.manual_seed(cfg.seed)
     model = OpenVLAOFT(cfg.model_size.oft_config()).to(device)
     init_random_(model, cfg.seed)
@@ -65,6 +69,11 @@ def build_model(cfg: TrainConfig, device: torch.device) -> OpenVLAOFT:
             if isinstance(m, LayerScale):
                 for p in m.parameters():
                     p.fill_(cfg.model_size.layer_scale_init)
+        if used_ids is not None:
+            weight = model.llm.embed_tokens.weight
+            keep = torch.zeros(weight.shape[0], dtype=torch.bool, device=weight.device)
+            keep[torch.tensor(sorted(set(used_ids)), device=weight.device)] = True
+            weight[~keep] = 0.0
     return model
 
 
@@ -211,8 +220,12 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> dict:
     # 2. tokenizer (saved with the checkpoint; the prompt ids come back through the policy's own loader)
     tok_dir = run_dir / "tokenizer"
     save_tokenizer(build_tokenizer(arrays.instructions), tok_dir)
-    model = build_model(cfg, device)
-    policy = Policy(model, norm_stats=arrays.stats, tokenizer=LazyTokenizer(tok_dir))
+    tokenizer = LazyTokenizer(tok_dir)
+    prompt_ids = [tokenize_prompt(tokenizer, text) for text in arrays.instructions]
+    mc = cfg.model_size.oft_config()
+    used = {i for ids in prompt_ids for i in ids} | {mc.bos_id, mc.stop_id, mc.empty_id, mc.llm.pad_id}
+    model = build_model(cfg, device, sorted(used))
+    policy = Policy(model, norm_stats=arrays.stats, tokenizer=tokenizer)
     model.train()
     batcher = Batcher(arrays, policy, device, cfg)
     n_params = sum(p.numel() for p in model.parameters())
