@@ -157,3 +157,18 @@ def test_report_intervals_and_differences(tmp_path):
                           run("specprune", "reference", [[1, 1, 0, 0], [1, 1, 0, 0]])], "T")
     assert "| none/reference | 3/4 | 2/4 | 62.5% [30.6, 86.3] | 600.0 |" in text
     assert "| specprune/reference - none/reference | 8 | 50.0 - 62.5 = -12.5 |" in text
+
+
+def test_fixture_picks_the_quickest_episode_every_run_solved():
+    from vla_accel.train.fixture import pick_episode
+
+    def run(label, results):
+        return {"label": label, "records": {("libero_object", t, e): {"success": s, "steps": n}
+                                            for (t, e), (s, n) in results.items()}}
+
+    none = run("none/reference", {(0, 30): (True, 150), (1, 30): (True, 120), (2, 30): (True, 100)})
+    pruned = run("specprune/reference", {(0, 30): (True, 140), (1, 30): (True, 130), (2, 30): (False, 280)})
+    case = pick_episode([none, pruned], margin=40)
+    assert (case["task_id"], case["episode"], case["max_steps"]) == (1, 30, 130 + 40)
+    with pytest.raises(ValueError, match="no episode was solved"):
+        pick_episode([none, run("x/y", {(1, 30): (False, 280)})], margin=40)
