@@ -12,7 +12,7 @@
 # budget; its finished episodes count (vla-accel-eval writes each one as it ends). Resumable: the same
 # WORK continues.
 #
-# Env: CKPT (required), OUT, WORK ($OUT/work), TASKS (0-9), EPISODES (30-49), ROUND (5), NUM_ENVS (16),
+# Env: CKPT (required), OUT, WORK ($OUT/work), TASKS (0-9), EPISODES (30-49), ROUND (10), NUM_ENVS (16),
 #      SETTINGS ("prune:runtime ...", order = priority), BUDGET_S (480), DEVICE (auto), MAX_STEPS (protocol: 280),
 #      EXTRA (more vla-accel-eval overrides).
 # Writes: $WORK/eval/<prune>_<runtime>/r<k>/ (run dirs), $OUT/eval_<prune>_<runtime>.log, $OUT/trained_policy.md.
@@ -25,7 +25,7 @@ OUT=${OUT:-/tmp/vla_trained_eval}
 WORK=${WORK:-$OUT/work}
 TASKS=${TASKS:-0-9}
 EPISODES=${EPISODES:-30-49}
-ROUND=${ROUND:-5}
+ROUND=${ROUND:-10}
 NUM_ENVS=${NUM_ENVS:-16}
 BUDGET_S=${BUDGET_S:-480}
 DEVICE=${DEVICE:-auto}

@@ -153,8 +153,11 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     done = {(r["task_id"], r["episode"]) for r in read_manifest(out) if r["suite"] == args.suite and "error" not in r}
-    # episode-major: any prefix of the run covers every task about equally
+    # demos: episode-major, so that any prefix of a run covers every task about equally;
+    # --state-only: task-major (a task switch rebuilds the simulator)
     jobs = [(t, e) for e in args.episodes for t in args.tasks if (t, e) not in done]
+    if args.state_only:
+        jobs.sort()
     print(f"vla-accel-demos: {len(jobs)} episode(s) to run ({len(done)} already in {out / MANIFEST}), "
           f"{args.workers} worker(s)", flush=True)
     if jobs:
