@@ -41,7 +41,10 @@ def main(argv=None) -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--margin", type=int, default=40, help="steps added to the slowest run's step count")
     args = ap.parse_args(argv)
-    case = pick_episode([load_run(d) for d in args.runs], args.margin)
+    try:
+        case = pick_episode([load_run(d) for d in args.runs], args.margin)
+    except ValueError as err:
+        raise SystemExit(f"fixture: {err}") from None
     src, out = Path(args.checkpoint), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for name in CHECKPOINT_FILES:
