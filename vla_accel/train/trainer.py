@@ -241,7 +241,8 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> dict:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         step, rng = state["step"], state["rng"]
-        total_steps, decay_step = state.get("total_steps", total_steps), state.get("decay_step", decay_step)
+        if state.get("cfg_steps") == cfg.steps:  # the same settings: keep the plan a time budget made
+            total_steps, decay_step = state["total_steps"], state["decay_step"]
         gen.set_state(state["generator"].cpu())
         log.info("resuming from step %d (%s)", step, state_path)
     info = {"config": {k: v for k, v in vars(cfg).items() if k != "model_size"}, "parameters": n_params,
@@ -253,7 +254,8 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> dict:
 
     def save(at_step: int) -> Path:
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": at_step, "rng": rng,
-                    "generator": gen.get_state(), "total_steps": total_steps, "decay_step": decay_step},
+                    "generator": gen.get_state(), "total_steps": total_steps, "decay_step": decay_step,
+                    "cfg_steps": cfg.steps},
                    state_path.with_suffix(".tmp"))
         state_path.with_suffix(".tmp").replace(state_path)
         path = write_checkpoint(run_dir, model, arrays.stats, tok_dir, at_step, info)
@@ -280,20 +282,21 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> dict:
                 group["lr"] = cfg.lr * lr_factor(step, cfg, decay_step)
             batch = batcher(rng.choice(train_idx, cfg.batch_size), augment=True, generator=gen)
             loss = l1_loss(model, batch, amp)
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise FloatingPointError(f"loss is {value} at step {step}; lower train.lr or check the demos")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             step += 1
-            running = value if running is None else 0.95 * running + 0.05 * value
             bar.update(1)
-            bar.set_postfix(loss=f"{running:.4f}", val=f"{last_val:.4f}" if last_val is not None else "-", refresh=False)
             record = None
-            if step % cfg.log_every == 0:
+            if step % cfg.log_every == 0:  # the only per-step read of a device value: no sync in between
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"loss is {value} at step {step}; lower train.lr or check the demos")
+                running = value if running is None else 0.9 * running + 0.1 * value
+                bar.set_postfix(loss=f"{running:.4f}", val=f"{last_val:.4f}" if last_val is not None else "-",
+                                refresh=False)
                 record = {"step": step, "train": value, "train_ema": running, "lr": opt.param_groups[0]["lr"],
                           "seconds": round(time.perf_counter() - started, 1)}
             if len(val_idx) and (step % cfg.val_every == 0 or step == total_steps):
@@ -318,8 +321,8 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> dict:
     ckpt = run_dir / CKPT_DIR
     if not ckpt.exists():  # resumed a run that had already finished its steps
         save(step)
-    summary = {"step": step, "planned_steps": total_steps, "stop": stop_reason, "train_loss_ema": running, "val_loss": last_val,
-               "checkpoint": str(ckpt), "seconds": round(time.perf_counter() - started, 1),
+    summary = {"step": step, "planned_steps": total_steps, "stop": stop_reason, "train_loss_ema": running,
+               "val_loss": last_val, "checkpoint": str(ckpt), "seconds": round(time.perf_counter() - started, 1),
                "parameters": n_params}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
