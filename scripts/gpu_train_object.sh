@@ -16,6 +16,9 @@
 # Env: OUT (results that come back: logs, tables, the checkpoint as one tar), WORK (default $OUT/work; a folder
 #      that survives between calls on a warm machine, e.g. /tmp/vla_train), TASKS (0-9), DEMO_EPISODES (0-19),
 #      WORKERS (nproc), TRAIN_CONFIG (object_gpu), TRAIN_MINUTES (5), TRAIN_ARGS (extra train.* overrides),
+#      CALL_BUDGET_S (540: the training loop gets at most what is left of it after the earlier stages,
+#      minus 90 s for decoding, saving and packing; the device's command limit is 600 s, and the bundle
+#      install before this script takes some of it),
 #      DEMOS (use this demo folder instead of recording: e.g. carried demos), SMOKE=1 (tiny everything, CPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +32,8 @@ WORKERS=${WORKERS:-$(nproc)}
 TRAIN_CONFIG=${TRAIN_CONFIG:-object_gpu}
 TRAIN_MINUTES=${TRAIN_MINUTES:-5}
 TRAIN_ARGS=${TRAIN_ARGS:-}
+CALL_BUDGET_S=${CALL_BUDGET_S:-540}
+script_start=$(date +%s)
 if [ -n "${SMOKE:-}" ]; then   # every stage, tiny: 1 task, 1 demo, 2 training steps on CPU, 1 short eval episode
   TASKS=${SMOKE_TASK:-0}; DEMO_EPISODES=0; WORKERS=1; TRAIN_CONFIG=smoke
   TRAIN_ARGS="train.steps=2 train.progress=false $TRAIN_ARGS"
@@ -55,9 +60,10 @@ for stage in $STAGES; do
       cp "$DEMOS/expert_success.md" "$OUT/" 2>/dev/null && cat "$OUT/expert_success.md"
       ;;
     train)
-      log "train: train=$TRAIN_CONFIG, demos $DEMOS, budget ${TRAIN_MINUTES} min"
+      minutes=$(python3 -c "print(round(max(0.5, min($TRAIN_MINUTES, ($CALL_BUDGET_S - ($(date +%s) - $script_start) - 90) / 60)), 2))")
+      log "train: train=$TRAIN_CONFIG, demos $DEMOS, budget $minutes min (TRAIN_MINUTES=$TRAIN_MINUTES, call budget ${CALL_BUDGET_S}s)"
       # shellcheck disable=SC2086
-      python3 -m vla_accel.train.cli train="$TRAIN_CONFIG" train.demos="$DEMOS" train.max_minutes="$TRAIN_MINUTES" \
+      python3 -m vla_accel.train.cli train="$TRAIN_CONFIG" train.demos="$DEMOS" train.max_minutes="$minutes" \
         train.decode_workers="$WORKERS" $TRAIN_ARGS hydra.run.dir="$WORK/train" > "$OUT/train.log" 2>&1 \
         || { status=1; tail -30 "$OUT/train.log"; }
       grep -v -e '^\s*$' "$OUT/train.log" | grep -v 'train:' | tail -8
