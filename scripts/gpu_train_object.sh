@@ -19,6 +19,7 @@
 #      CALL_BUDGET_S (540: the training loop gets at most what is left of it after the earlier stages,
 #      minus 90 s for decoding, saving and packing; the device's command limit is 600 s, and the bundle
 #      install before this script takes some of it),
+#      DEMO_BUDGET_S (270: the demos stage stops there, keeping the episodes it finished),
 #      DEMOS (use this demo folder instead of recording: e.g. carried demos), SMOKE=1 (tiny everything, CPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -33,9 +34,10 @@ TRAIN_CONFIG=${TRAIN_CONFIG:-object_gpu}
 TRAIN_MINUTES=${TRAIN_MINUTES:-5}
 TRAIN_ARGS=${TRAIN_ARGS:-}
 CALL_BUDGET_S=${CALL_BUDGET_S:-540}
+DEMO_BUDGET_S=${DEMO_BUDGET_S:-270}
 script_start=$(date +%s)
 if [ -n "${SMOKE:-}" ]; then   # every stage, tiny: 1 task, 1 demo, 2 training steps on CPU, 1 short eval episode
-  TASKS=${SMOKE_TASK:-0}; DEMO_EPISODES=0; WORKERS=1; TRAIN_CONFIG=smoke
+  TASKS=${SMOKE_TASK:-0}; DEMO_EPISODES=0; WORKERS=1; TRAIN_CONFIG=smoke; DEMO_BUDGET_S=1200
   TRAIN_ARGS="train.steps=2 train.progress=false $TRAIN_ARGS"
   export SETTINGS=${SETTINGS:-"none:reference specprune:reference"} EPISODES=${EPISODES:-30} NUM_ENVS=1 \
          DEVICE=cpu MAX_STEPS=${MAX_STEPS:-16} TASKS
@@ -55,9 +57,17 @@ for stage in $STAGES; do
   case "$stage" in
     demos)
       log "demos: tasks $TASKS, init states $DEMO_EPISODES, $WORKERS workers -> $DEMOS"
-      python3 -m vla_accel.train.demos --out "$DEMOS" --tasks "$TASKS" --episodes "$DEMO_EPISODES" \
-        --workers "$WORKERS" > "$OUT/demos.log" 2>&1 || { status=1; tail -20 "$OUT/demos.log"; }
-      cp "$DEMOS/expert_success.md" "$OUT/" 2>/dev/null && cat "$OUT/expert_success.md"
+      timeout --signal=INT --kill-after=20 "$DEMO_BUDGET_S" python3 -m vla_accel.train.demos --out "$DEMOS" \
+        --tasks "$TASKS" --episodes "$DEMO_EPISODES" --workers "$WORKERS" > "$OUT/demos.log" 2>&1
+      rc=$?
+      case $rc in
+        0) ;;
+        124|130) log "demos stopped at DEMO_BUDGET_S=${DEMO_BUDGET_S}s; training uses the episodes finished so far" ;;
+        *) status=1; tail -20 "$OUT/demos.log" ;;
+      esac
+      python3 -c "from vla_accel.train.demos import read_manifest, success_table; import sys; print(success_table(read_manifest(sys.argv[1])))" \
+        "$DEMOS" > "$OUT/expert_success.md" 2>/dev/null
+      cat "$OUT/expert_success.md"
       ;;
     train)
       minutes=$(python3 -c "print(round(max(0.5, min($TRAIN_MINUTES, ($CALL_BUDGET_S - ($(date +%s) - $script_start) - 90) / 60)), 2))")
