@@ -131,6 +131,9 @@ def main(argv=None) -> None:
             print(f"skipping {d}: no results.jsonl")
             continue
         run = load_run(d)
+        if not run["records"]:
+            print(f"skipping {d}: no finished episodes")
+            continue
         if run["label"] in merged:
             merged[run["label"]]["records"].update(run["records"])
             merged[run["label"]]["dir"] += f", {run['dir']}"
@@ -138,7 +141,7 @@ def main(argv=None) -> None:
             merged[run["label"]] = run
     runs = list(merged.values())
     if not runs:
-        raise SystemExit("no run dir with results")
+        raise SystemExit("no run dir with finished episodes")
     text = format_report(runs, args.title, args.note)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
