@@ -133,10 +133,10 @@ def test_time_budget_shortens_the_run_and_scales_the_schedule(demos):
     from vla_accel.train.trainer import fit_steps
 
     cfg = config(demos, steps=1000, decay_step=800, max_minutes=1.0)
-    # 30 steps took 6 s: 54 s left at 5 steps/s, 95% of it -> 256 more steps
-    steps, decay = fit_steps(cfg, start=0, done=30, seconds=6.0)
-    assert steps == 30 + int(0.95 * 54 * 5) and decay == round(800 * steps / 1000)
-    assert fit_steps(cfg, start=0, done=30, seconds=0.1) == (1000, 800)  # fast enough: unchanged
+    # 40 steps took 10 s, now 0.2 s/step: 50 s left, 95% of it -> 237 more steps
+    steps, decay = fit_steps(cfg, start=0, done=40, elapsed=10.0, step_s=0.2)
+    assert steps == 40 + int(0.95 * 50 / 0.2) and decay == round(800 * steps / 1000)
+    assert fit_steps(cfg, start=0, done=40, elapsed=1.0, step_s=0.001) == (1000, 800)  # fast enough: unchanged
 
 
 def test_report_intervals_and_differences(tmp_path):

@@ -91,13 +91,13 @@ def lr_factor(step: int, cfg: TrainConfig, decay_step: int | None) -> float:
     return warm * decay
 
 
-PROBE_STEPS = 30  # steps timed before a max_minutes budget shortens the run
+PROBE_SKIP, PROBE_STEPS = 10, 30  # a max_minutes budget times steps 10..40 (after warm-up), then plans
 
 
-def fit_steps(cfg: TrainConfig, start: int, done: int, seconds: float) -> tuple[int, int | None]:
-    """(steps, decay_step) that fit max_minutes at the measured rate, the schedule scaled along."""
-    budget = 60 * cfg.max_minutes - seconds
-    fit = start + done + int(0.95 * budget * done / max(seconds, 1e-9))
+def fit_steps(cfg: TrainConfig, start: int, done: int, elapsed: float, step_s: float) -> tuple[int, int | None]:
+    """(steps, decay_step) that fit max_minutes: `done` steps after `start` took `elapsed` s in all and the
+    next ones take `step_s` each; the learning-rate schedule is scaled along."""
+    fit = start + done + int(0.95 * (60 * cfg.max_minutes - elapsed) / max(step_s, 1e-9))
     if fit >= cfg.steps:
         return cfg.steps, cfg.decay_step
     decay = None if cfg.decay_step is None else max(1, round(cfg.decay_step * fit / cfg.steps))
@@ -271,12 +271,17 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> dict:
     first_step, stop_reason = step, "steps"
     try:
         while step < total_steps:
-            if cfg.max_minutes is not None and step - first_step == PROBE_STEPS:
-                fit, decay_step = fit_steps(cfg, first_step, PROBE_STEPS, time.perf_counter() - started)
-                if fit < total_steps:
-                    log.warning("%.2f s/step: %d steps do not fit max_minutes=%s; training %d steps "
-                                "(lr decay at %s)", (time.perf_counter() - started) / PROBE_STEPS, total_steps,
-                                cfg.max_minutes, fit, decay_step)
+            if cfg.max_minutes is not None and step - first_step in (PROBE_SKIP, PROBE_SKIP + PROBE_STEPS):
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                now = time.perf_counter()
+                if step - first_step == PROBE_SKIP:
+                    probe_start = now
+                else:
+                    step_s = (now - probe_start) / PROBE_STEPS
+                    fit, decay_step = fit_steps(cfg, first_step, step - first_step, now - started, step_s)
+                    log.info("%.3f s/step; training %d steps (lr decay at %s) to fit max_minutes=%s",
+                             step_s, fit, decay_step, cfg.max_minutes)
                     total_steps = bar.total = fit
             for group in opt.param_groups:
                 group["lr"] = cfg.lr * lr_factor(step, cfg, decay_step)
