@@ -93,8 +93,9 @@ class ExpertConfig:
     def __post_init__(self):
         for f in fields(self):
             value = getattr(self, f.name)
-            if value < 0 or (f.name in ("pos_gain", "max_action", "reach_tol", "stall_steps") and value == 0):
-                raise ValueError(f"ExpertConfig.{f.name} must be {'> 0' if value == 0 else '>= 0'}, got {value}")
+            strict = f.name in ("pos_gain", "max_action", "reach_tol", "stall_steps")
+            if value < 0 or (strict and value == 0):
+                raise ValueError(f"ExpertConfig.{f.name} must be {'> 0' if strict else '>= 0'}, got {value}")
 
 
 def orientation_error(rot: np.ndarray, target: np.ndarray) -> np.ndarray:
