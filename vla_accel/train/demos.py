@@ -105,10 +105,10 @@ def success_table(records: list[dict]) -> str:
         rs = [r for k, r in latest.items() if k[:2] == (suite, task)]
         ok = [r for r in rs if r["success"]]
         steps = f"{np.median([r['steps'] for r in ok]):.0f}" if ok else "-"
-        lines.append(f"| {suite} | {task} | {len(rs)} | {len(ok)} | {100 * len(ok) / len(rs):.0f}% | {steps} |")
+        lines.append(f"| {suite} | {task} | {len(rs)} | {len(ok)} | {100 * len(ok) / len(rs):.1f}% | {steps} |")
         total, ok_total = total + len(rs), ok_total + len(ok)
     if total:
-        lines.append(f"| all | | {total} | {ok_total} | {100 * ok_total / total:.0f}% | |")
+        lines.append(f"| all | | {total} | {ok_total} | {100 * ok_total / total:.1f}% | |")
     return "\n".join(lines)
 
 
