@@ -36,8 +36,12 @@ def run_train(cfg: DictConfig) -> dict:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     log.info("run dir: %s", run_dir)
     summary = train(tc, run_dir)
-    log.info("done (%s): step %d, train L1 %.4f, val L1 %s; checkpoint %s", summary["stop"], summary["step"],
-             summary["train_loss_ema"] or float("nan"), summary["val_loss"], summary["checkpoint"])
+    def fmt(x):
+        return "-" if x is None else f"{x:.4f}"
+
+    log.info("done (%s): step %d, train L1 %s (average of the last logged steps), val L1 %s; checkpoint %s",
+             summary["stop"], summary["step"], fmt(summary["train_loss_ema"]), fmt(summary["val_loss"]),
+             summary["checkpoint"])
     return summary
 
 
