@@ -10,9 +10,9 @@ One episode = one `.npz` file (written atomically; a folder of them is a demo se
     frame_steps (optional)    int64 [F]       the steps that have frames (a thinned copy for transfer,
                                               vla_accel.train.pack); absent: every step has its frames
 
-Frames are stored as the JPEG bytes of the evaluation's own JPEG round trip (PIL, quality 95), so
-decoding them and resizing with `vla_accel.processing` gives exactly the 224 px image the policy
-computes from the raw frame at inference (`frames_for_training` checks nothing else; the test
+Frames are stored as the bytes of the evaluation's own JPEG encode (Pillow, quality 95, 4:2:0), so
+decoding them as the evaluation does and resizing with `vla_accel.processing` gives exactly the 224 px
+image the policy computes from the raw frame at inference (the test
 `test_train_data.py::test_stored_frames_match_inference` holds it to that).
 
 Training targets follow the OpenVLA-OFT LIBERO data pipeline: the gripper command becomes
@@ -44,13 +44,19 @@ STATS_FILE = "dataset_statistics.json"
 
 
 def encode_jpeg(img: np.ndarray) -> bytes:
-    """The evaluation's JPEG encode of an upright uint8 [H, W, 3] frame."""
+    """The evaluation's JPEG encode of an upright uint8 [H, W, 3] frame (Pillow, quality 95, 4:2:0)."""
+    if hasattr(P, "jpeg_encode"):  # the TF-exact pre-processing (issue 11) has its own: use it
+        return P.jpeg_encode(img)
     buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="JPEG", quality=JPEG_QUALITY)
+    Image.fromarray(np.ascontiguousarray(img)).save(buf, format="JPEG", quality=JPEG_QUALITY, subsampling=2)
     return buf.getvalue()
 
 
 def decode_jpeg(data: bytes) -> np.ndarray:
+    """The evaluation's JPEG decode (processing.jpeg_decode where it exists, else Pillow's, as
+    processing.resize_like_reference decodes then)."""
+    if hasattr(P, "jpeg_decode"):
+        return P.jpeg_decode(data)
     return np.array(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.uint8)
 
 
