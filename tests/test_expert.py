@@ -53,7 +53,8 @@ class KinematicScene:
         self.eef[2] = max(self.eef[2], 0.01)  # the floor
         self.rot = rotvec_matrix(0.5 * np.clip(action[3:6], -1, 1)) @ self.rot
         center = self.obj_lo + self.size / 2
-        near = np.linalg.norm(self.eef[:2] - center[:2]) < 0.02 and self.obj_lo[2] <= self.eef[2] <= self.obj_lo[2] + self.size[2]
+        near = (np.linalg.norm(self.eef[:2] - center[:2]) < 0.02
+                and self.obj_lo[2] <= self.eef[2] <= self.obj_lo[2] + self.size[2])
         self.closed_steps = self.closed_steps + 1 if action[6] == CLOSE else 0
         if self.held is None and self.sticky and near and self.closed_steps >= 3:
             self.held = self.obj_lo - self.eef

@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from test_train_data import write_demos
 
 import vla_accel
 from vla_accel.model.oft import OpenVLAOFT
@@ -19,8 +20,6 @@ from vla_accel.tokenizer import LazyTokenizer
 from vla_accel.train.config import TrainConfig, TrainConfigError, train_config
 from vla_accel.train.data import decode_jpeg, load_episode
 from vla_accel.train.trainer import CKPT_DIR, LOSS_FILE, STATE_FILE, train
-
-from test_train_data import write_demos
 
 
 def config(demos, **kw) -> TrainConfig:
@@ -62,7 +61,8 @@ def test_checkpoint_reloads_bit_exactly(trained, demos):
     ckpt = run / CKPT_DIR
     names = sorted(p.name for p in ckpt.iterdir())
     assert "action_head--25_checkpoint.pt" in names and "proprio_projector--25_checkpoint.pt" in names
-    assert {"config.json", "model.safetensors", "dataset_statistics.json", "tokenizer.json", "training.json"} <= set(names)
+    assert {"config.json", "model.safetensors", "dataset_statistics.json", "tokenizer.json",
+            "training.json"} <= set(names)
     loaded = vla_accel.load_policy(ckpt, device="cpu", dtype=torch.float32, unnorm_key="libero_object")
     assert loaded.unnorm_key == "libero_object_no_noops"
 

@@ -130,7 +130,8 @@ def load_episode(path: str | os.PathLike) -> Episode:
             frame_steps = z["frame_steps"] if "frame_steps" in z.files else None
             return Episode(meta=meta, state=z["state"], action=z["action"], jpegs=jpegs, frame_steps=frame_steps)
     except (OSError, KeyError, ValueError) as err:
-        raise ValueError(f"cannot read demo episode {path}: {err} (expected the format of vla_accel.train.data)") from err
+        raise ValueError(f"cannot read demo episode {path}: {err} "
+                         "(expected the format of vla_accel.train.data)") from err
 
 
 def list_episodes(root: str | os.PathLike, suite: str | None = None) -> list[Path]:

@@ -29,7 +29,8 @@ from vla_accel.train.data import CAMERAS, Episode, encode_jpeg, episode_path, sa
 MANIFEST = "manifest.jsonl"
 
 
-def record_episode(env, task_id: int, episode: int, *, cameras: bool = True, expert_cfg=None) -> tuple[dict, Episode | None]:
+def record_episode(env, task_id: int, episode: int, *, cameras: bool = True,
+                   expert_cfg=None) -> tuple[dict, Episode | None]:
     """Runs the expert on one episode of `env` (a LiberoEnv); -> (manifest record, Episode or None)."""
     from vla_accel.envs.expert import ExpertConfig, PickPlaceExpert, libero_scene
 

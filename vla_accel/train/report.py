@@ -4,10 +4,11 @@ tokens kept, and pruned minus unpruned with a 95% interval.
     python -m vla_accel.train.report RUN_DIR... --out benchmarks/results/trained_policy_DATE.md [--title T]
 
 Each RUN_DIR is a `vla-accel-eval` run dir (results.jsonl + run.json); its label is
-"<prune>/<runtime>" from run.json, and run dirs of the same label are merged (rounds of episodes). Differences pair each pruned run with the unpruned run of the
-same runtime over the episodes both finished, with Newcombe's hybrid score interval (method 10)
-for a difference of two proportions (treats the runs as independent samples; the episodes are the
-same init states, so it is conservative).
+"<prune>/<runtime>" from run.json, and run dirs of the same label are merged (rounds of
+episodes). Differences pair each pruned run with the unpruned run of the same runtime over the
+episodes both finished, with Newcombe's hybrid score interval (method 10) for a difference of two
+proportions (treats the runs as independent samples; the episodes are the same init states, so it
+is conservative).
 """
 
 from __future__ import annotations
