@@ -68,6 +68,7 @@ class Policy:
         self.random_weights = random_weights
         self.source = source
         self.center_crop, self.jpeg = center_crop, jpeg
+        self.prep_threads = P.default_prep_threads()  # a batch's images are prepared on this many threads
         self.executor: Executor = executor if executor is not None else self.model  # the forward (model: reference)
         self.last_stats: dict[str, Any] = {}
 
@@ -126,8 +127,8 @@ class Policy:
             raise RuntimeError("this policy has no tokenizer; use predict_from_inputs() with token ids")
         n_img, size = self.cfg.num_images, self.cfg.image_size
         pixels = np.empty((len(obs_list), 6 * n_img, size, size), np.float32)  # filled in place, one copy fewer
-        ids, props = [], []
-        for b, (obs, text) in enumerate(zip(obs_list, instructions)):
+        ids, props, carried, raw = [], [], [], []
+        for obs, text in zip(obs_list, instructions):
             if not isinstance(obs, dict):
                 raise TypeError(f"obs must be a dict with full_image, wrist_image, state; got {type(obs).__name__}")
             missing = [k for k in ("full_image", "wrist_image", "state") if k not in obs]
@@ -136,13 +137,15 @@ class Policy:
                                "state (8,)")
             if not isinstance(text, str) or not text.strip():
                 raise ValueError(f"instruction must be a non-empty string, got {text!r}")
-            imgs = P.model_images(obs, self.image_spec) or [
-                P.prepare_image(P.check_image(obs[k], k), size, self.center_crop, self.jpeg)
-                for k in ("full_image", "wrist_image")]
-            P.to_pixel_values(imgs, self.image_norm, out=pixels[b])
+            carried.append(P.model_images(obs, self.image_spec))  # prepared where the observation was made
+            if carried[-1] is None:
+                raw += [P.check_image(obs[k], k) for k in ("full_image", "wrist_image")]
             state = P.check_state(obs["state"], self.cfg.proprio_dim)
             props.append(P.normalize_proprio(state, self.proprio_stats))
             ids.append(tokenize_prompt(self.tokenizer, text))
+        prepared = iter(P.prepare_images(raw, size, self.center_crop, self.jpeg, self.prep_threads))
+        for b, imgs in enumerate(carried):
+            P.to_pixel_values(imgs or [next(prepared), next(prepared)], self.image_norm, out=pixels[b])
         return ids, torch.from_numpy(pixels), torch.tensor(np.stack(props), dtype=torch.float32)
 
     def postprocess(self, normalized: np.ndarray) -> np.ndarray:

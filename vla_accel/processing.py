@@ -23,6 +23,8 @@ import ctypes.util
 import functools
 import io
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -249,6 +251,31 @@ def prepare_image(img: np.ndarray, size: int = 224, center_crop: bool = True, jp
     if img.shape[:2] != (size, size):
         img = resize_like_reference(img, size, jpeg)
     return crop_and_resize(img) if center_crop else np.array(img, copy=True)
+
+
+def default_prep_threads() -> int:
+    """Threads for a batch's image pre-processing: the cores, at most 8 (numpy, Pillow and simplejpeg release the
+    GIL in their heavy parts; in the evaluation the simulators wait while the policy runs)."""
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+_POOLS: dict[int, tuple[int, ThreadPoolExecutor]] = {}  # threads -> (pid that made it, pool)
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    pid, pool = _POOLS.get(threads, (None, None))
+    if pid != os.getpid():  # none yet, or inherited through fork (its threads did not come along)
+        pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="vla-prep")
+        _POOLS[threads] = (os.getpid(), pool)
+    return pool
+
+
+def prepare_images(images: list[np.ndarray], size: int = 224, center_crop: bool = True, jpeg: bool = True,
+                   threads: int = 1) -> list[np.ndarray]:
+    """prepare_image for each image, in order, on up to `threads` threads: the same arrays as one at a time."""
+    if threads <= 1 or len(images) <= 1:
+        return [prepare_image(img, size, center_crop, jpeg) for img in images]
+    return list(_pool(threads).map(lambda img: prepare_image(img, size, center_crop, jpeg), images))
 
 
 MODEL_IMAGES = "model_images"  # obs key: {"spec": (size, center_crop, jpeg), "images": [full, wrist] uint8}

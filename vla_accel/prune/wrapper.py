@@ -178,12 +178,26 @@ class SpecPrune:
             frame.model = [P.prepare_image(img, p.cfg.image_size, p.center_crop, p.jpeg) for img in frame.raw]
         return frame.model
 
-    def _similarity(self, st: StreamState) -> tuple[np.ndarray, int]:
-        """-> (patch similarity [n_vis] of the current frame to the frame T back, T)."""
+    def _earlier(self, st: StreamState) -> tuple[Frame, int]:
+        """-> (the frame T back that the current one is compared with, T)."""
         ch = self.cfg.static.changed
         T = ch.gap_fixed or frame_gap(float(np.linalg.norm(st.moved)), ch.gap_min, ch.gap_max)
+        return (st.frames[-T] if len(st.frames) >= T else st.frames[0]), T  # episode start: the oldest frame kept
+
+    def _prepare_frames(self, frames: list[Frame]) -> None:
+        """The model-input images of frames that lack them, all in one parallel call (processing.prepare_images)."""
+        todo = list({id(f): f for f in frames if f.model is None}.values())
+        if todo:
+            p = self.policy
+            imgs = P.prepare_images([img for f in todo for img in f.raw], p.cfg.image_size, p.center_crop, p.jpeg,
+                                    getattr(p, "prep_threads", 1))
+            for i, f in enumerate(todo):
+                f.model = imgs[2 * i:2 * i + 2]
+
+    def _similarity(self, st: StreamState) -> tuple[np.ndarray, int]:
+        """-> (patch similarity [n_vis] of the current frame to the frame T back, T)."""
+        earlier, T = self._earlier(st)
         cur = st.frames[-1]
-        earlier = st.frames[-T] if len(st.frames) >= T else st.frames[0]  # episode start: the oldest frame kept
         sims = [patch_similarity(a, b, self.patch) for a, b in zip(self._prepared(cur), self._prepared(earlier))]
         return np.concatenate(sims), T
 
@@ -202,8 +216,11 @@ class SpecPrune:
         k_local = np.zeros((B, C), dtype=np.int64)
         extra = []
         for b, st in enumerate(states):
-            fine = st.controller.fine
             st.frames[-1].model = list(images[b])
+        if use_sim:  # the earlier frames' model images, in parallel (the current ones come from the pixels)
+            self._prepare_frames([self._earlier(st)[0] for st in states])
+        for b, st in enumerate(states):
+            fine = st.controller.fine
             gap, n_static = 0, None
             if cfg.static.enabled:
                 k_local[b] = cfg.static.topk_fine if fine else cfg.static.topk

@@ -26,7 +26,7 @@ import time
 
 from .codec import BadRequest, dumps_json, loads_json, observation, packb, unpackb
 from .config import ServeConfig
-from .engine import Busy, Engine, SessionError
+from .engine import Busy, Engine, SessionError, plain_values
 from .metrics import Metrics
 
 log = logging.getLogger("vla_accel.serve")
@@ -64,7 +64,7 @@ def metadata(engine: Engine, cfg: ServeConfig, identity: dict | None = None) -> 
     return {"server": "vla-accel-serve", "mode": cfg.mode, "action_dim": 7, "chunk_size": 8,
             "max_batch": cfg.max_batch, "batch_window_ms": cfg.batch_window_ms, "policy": desc,
             "device_name": device_name(str(desc.get("device", "cpu"))),
-            **({"identity": identity} if identity is not None else {})}
+            **({"identity": plain_values(identity)} if identity is not None else {})}  # string keys: msgpack clients
 
 
 def server_timing_header(timing: dict) -> str:

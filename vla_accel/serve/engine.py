@@ -62,12 +62,12 @@ class Request:
     t_ready: float = 0.0
 
 
-def _plain(x: Any) -> Any:
+def plain_values(x: Any) -> Any:
     """Actor info -> msgpack / JSON-safe values (numpy scalars and arrays become python ones)."""
     if isinstance(x, dict):
-        return {str(k): _plain(v) for k, v in x.items()}
+        return {str(k): plain_values(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
+        return [plain_values(v) for v in x]
     if isinstance(x, np.ndarray):
         return x.tolist()
     if isinstance(x, np.generic):
@@ -93,7 +93,7 @@ class ServedActor:
             policy.prepare = self._cached_prepare
 
     def describe(self) -> dict:
-        return _plain(self.actor.describe())
+        return plain_values(self.actor.describe())
 
     def prepare(self, obs: dict, text: str) -> Any:
         """Any thread: the policy's pre-processing of one request (raises on input the policy refuses)."""
@@ -127,7 +127,7 @@ class ServedActor:
                 actions = [np.asarray(a)[None] for a in acts]
         finally:
             self._cache = {}
-        return actions, [_plain(i) for i in infos]
+        return actions, [plain_values(i) for i in infos]
 
 
 class Engine:
