@@ -172,12 +172,6 @@ class SpecPrune:
             imgs.append((x * 255.0).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1))
         return torch.stack(imgs, 1).numpy()
 
-    def _prepared(self, frame: Frame) -> list[np.ndarray]:
-        if frame.model is None:
-            p = self.policy
-            frame.model = [P.prepare_image(img, p.cfg.image_size, p.center_crop, p.jpeg) for img in frame.raw]
-        return frame.model
-
     def _earlier(self, st: StreamState) -> tuple[Frame, int]:
         """-> (the frame T back that the current one is compared with, T)."""
         ch = self.cfg.static.changed
@@ -189,17 +183,13 @@ class SpecPrune:
         todo = list({id(f): f for f in frames if f.model is None}.values())
         if todo:
             p = self.policy
-            imgs = P.prepare_images([img for f in todo for img in f.raw], p.cfg.image_size, p.center_crop, p.jpeg,
-                                    getattr(p, "prep_threads", 1))
+            imgs = P.prepare_images([img for f in todo for img in f.raw], *p.image_spec, getattr(p, "prep_threads", 1))
             for i, f in enumerate(todo):
                 f.model = imgs[2 * i:2 * i + 2]
 
-    def _similarity(self, st: StreamState) -> tuple[np.ndarray, int]:
-        """-> (patch similarity [n_vis] of the current frame to the frame T back, T)."""
-        earlier, T = self._earlier(st)
-        cur = st.frames[-1]
-        sims = [patch_similarity(a, b, self.patch) for a, b in zip(self._prepared(cur), self._prepared(earlier))]
-        return np.concatenate(sims), T
+    def _similarity(self, cur: Frame, earlier: Frame) -> np.ndarray:
+        """Patch similarity [n_vis] of the current frame to the earlier one (both with their model images)."""
+        return np.concatenate([patch_similarity(a, b, self.patch) for a, b in zip(cur.model, earlier.model)])
 
     def _query(self, obs_list, instructions, states: list[StreamState]):
         policy, cfg = self.policy, self.cfg
@@ -217,8 +207,10 @@ class SpecPrune:
         extra = []
         for b, st in enumerate(states):
             st.frames[-1].model = list(images[b])
-        if use_sim:  # the earlier frames' model images, in parallel (the current ones come from the pixels)
-            self._prepare_frames([self._earlier(st)[0] for st in states])
+        # the frames the current ones are compared with, and their model images in one parallel call (the current
+        # frames' come from the pixels)
+        earlier = [self._earlier(st) for st in states] if use_sim else []
+        self._prepare_frames([f for f, _ in earlier])
         for b, st in enumerate(states):
             fine = st.controller.fine
             gap, n_static = 0, None
@@ -228,7 +220,8 @@ class SpecPrune:
                 if st.global_prev is not None:
                     global_prev[b] = st.global_prev
             if use_sim:
-                similarity[b], gap = self._similarity(st)
+                frame, gap = earlier[b]
+                similarity[b] = self._similarity(st.frames[-1], frame)
                 n_static = (similarity[b] >= ch.sim_threshold).reshape(C, -1).sum(1).tolist()
             extra.append({"mode": st.controller.mode, "replan": st.replan, "frame_gap": gap,
                           "static_patches": n_static})
